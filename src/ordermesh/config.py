@@ -1,0 +1,71 @@
+"""The one settings object, read from ``ORDERMESH_*`` env vars and CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+
+KAFKA_VERSION = "4.3.1"
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "ordermesh"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "ordermesh"
+
+
+class Settings(BaseSettings):
+    """Everything configurable; built once at the entry point and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="ORDERMESH_", frozen=True, extra="ignore")
+
+    # Kafka: when set, this cluster is used and nothing is started locally.
+    bootstrap_servers: str | None = None
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+    # Local broker
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    kafka_cache_dir: Path | None = None
+    kafka_version: str = KAFKA_VERSION
+    broker_port: int = 9092
+    broker_heap_mb: int = 1024
+
+    # Topic and consumer-group names get this prefix (tests use a unique one each).
+    topic_prefix: str = ""
+
+    # Services
+    inventory_db: Path | None = None
+    tracker_db: Path | None = None
+    batch_max: int = 5000
+    batch_timeout_s: float = 0.05
+    dlq_max_replays: int = 3
+
+    def kafka_jar_dir(self) -> Path:
+        """Where the Kafka jars of ``kafka_version`` are cached."""
+        base = self.kafka_cache_dir or _default_cache_dir()
+        return base / f"kafka-{self.kafka_version}"
+
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def inventory_db_path(self) -> Path:
+        return self.inventory_db or self.data_dir / "inventory.db"
+
+    def tracker_db_path(self) -> Path:
+        return self.tracker_db or self.data_dir / "tracker.db"
