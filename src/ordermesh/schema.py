@@ -11,8 +11,9 @@ decode``).
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -25,8 +26,28 @@ MAX_AMOUNT: Final = 1_000_000_000.0
 
 # ISO 4217 codes we accept; all are treated as having two decimals ("to the cent").
 CURRENCIES: Final = frozenset(
-    {"USD", "EUR", "GBP", "CHF", "CAD", "AUD", "NZD", "SEK", "NOK", "DKK", "PLN", "CZK",
-     "HUF", "INR", "SGD", "HKD", "CNY", "ZAR", "BRL", "MXN"}
+    {
+        "USD",
+        "EUR",
+        "GBP",
+        "CHF",
+        "CAD",
+        "AUD",
+        "NZD",
+        "SEK",
+        "NOK",
+        "DKK",
+        "PLN",
+        "CZK",
+        "HUF",
+        "INR",
+        "SGD",
+        "HKD",
+        "CNY",
+        "ZAR",
+        "BRL",
+        "MXN",
+    }
 )
 
 RejectReason = Literal["OUT_OF_STOCK", "UNKNOWN_SKU", "INVALID_ORDER"]
@@ -108,10 +129,19 @@ class CancelOrder(msgspec.Struct, frozen=True, tag="CancelOrder", tag_field="typ
 OrderCommand = CancelOrder
 
 
+class _CommandTag(msgspec.Struct):
+    # msgspec requires the tag only when decoding a union; while OrderCommand is a single
+    # struct, a message without "type" would silently decode as a CancelOrder.
+    type: str
+
+
+_T = TypeVar("_T")
+
 _encoder = msgspec.json.Encoder()
 _order_decoder = msgspec.json.Decoder(OrderPlaced)
-_event_decoder = msgspec.json.Decoder(OrderEvent)
+_event_decoder: msgspec.json.Decoder[OrderEvent] = msgspec.json.Decoder(OrderEvent)
 _command_decoder = msgspec.json.Decoder(OrderCommand)
+_command_tag_decoder = msgspec.json.Decoder(_CommandTag)
 
 
 def encode(obj: msgspec.Struct) -> bytes:
@@ -121,9 +151,13 @@ def encode(obj: msgspec.Struct) -> bytes:
 
 def to_cents(amount: float) -> int | None:
     """Amount in integer cents, or None if it has more than two decimals."""
-    scaled = amount * 100
-    cents = round(scaled)
-    if abs(scaled - cents) > 1e-6 * max(1.0, abs(scaled)) and abs(scaled - cents) > 1e-6:
+    if not math.isfinite(amount):
+        return None
+    cents = round(amount * 100)
+    # Exact, no tolerance: int / int is correctly rounded, so this holds iff ``amount`` is
+    # the double nearest to a whole number of cents, i.e. the wire carried <= 2 decimals.
+    # A tolerance on amount * 100 let sub-cent values through once amounts were large.
+    if cents / 100 != amount:
         return None
     return cents
 
@@ -156,22 +190,35 @@ def validate_order(order: OrderPlaced) -> None:
         )
 
 
+def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes, what: str) -> _T:
+    """Typed decode of ``raw``; every failure becomes a DecodeError keeping ``raw``."""
+    try:
+        decoded = decoder.decode(raw)
+        # msgspec checks UTF-8 only in strings it keeps; invalid bytes in an ignored
+        # (unknown) field would otherwise pass. isascii() keeps the common case cheap.
+        if not raw.isascii():
+            raw.decode("utf-8")
+        return decoded
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"{what}: schema violation: {exc}", raw=raw, kind="schema") from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"{what}: not valid JSON: {exc}", raw=raw, kind="json") from None
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{what}: invalid UTF-8: {exc}", raw=raw, kind="utf8") from None
+    except Exception as exc:  # noqa: BLE001 - msgspec must never crash a consumer
+        # e.g. RecursionError on deeply nested input
+        raise DecodeError(f"{what}: undecodable: {exc!r}", raw=raw, kind="json") from None
+
+
 def decode_order(raw: bytes | None) -> OrderPlaced:
     """Decode and validate an ``OrderPlaced``; any failure is a DecodeError keeping ``raw``."""
     if raw is None:
         raise DecodeError("empty message value", raw=raw, kind="schema")
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise DecodeError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", raw=raw, kind="size")
-    try:
-        order = _order_decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        raise DecodeError(f"schema violation: {exc}", raw=raw, kind="schema") from None
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"not valid JSON: {exc}", raw=raw, kind="json") from None
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"invalid UTF-8: {exc}", raw=raw, kind="utf8") from None
-    except Exception as exc:  # noqa: BLE001 - msgspec must never crash a consumer
-        raise DecodeError(f"undecodable: {exc!r}", raw=raw, kind="json") from None
+        raise DecodeError(
+            f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", raw=raw, kind="size"
+        )
+    order = _decode(_order_decoder, raw, "bad order")
     try:
         validate_order(order)
     except DecodeError as exc:
@@ -181,21 +228,18 @@ def decode_order(raw: bytes | None) -> OrderPlaced:
 
 
 def decode_event(raw: bytes | None) -> OrderEvent:
+    """Decode an order event; any failure is a DecodeError keeping ``raw``."""
     if raw is None:
         raise DecodeError("empty event value", raw=raw, kind="schema")
-    try:
-        return _event_decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise DecodeError(f"bad event: {exc}", raw=raw, kind="schema") from None
+    return _decode(_event_decoder, raw, "bad event")
 
 
 def decode_command(raw: bytes | None) -> OrderCommand:
+    """Decode an order command; any failure is a DecodeError keeping ``raw``."""
     if raw is None:
         raise DecodeError("empty command value", raw=raw, kind="schema")
-    try:
-        return _command_decoder.decode(raw)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise DecodeError(f"bad command: {exc}", raw=raw, kind="schema") from None
+    _decode(_command_tag_decoder, raw, "bad command")
+    return _decode(_command_decoder, raw, "bad command")
 
 
 def now() -> float:

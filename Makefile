@@ -1,0 +1,40 @@
+# One-command entry points. `make test` is what CI runs (.ci/run).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install jars test check lint types up bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fetch the Apache Kafka jars from Maven Central once (cached under ~/.cache/ordermesh).
+jars: $(STAMP)
+	$(BIN)/ordermesh broker fetch
+
+test: install jars
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+types: install
+	$(BIN)/mypy
+
+check: lint types test
+
+up: install jars
+	$(BIN)/ordermesh up
+
+bench: install jars
+	$(BIN)/ordermesh bench inventory
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

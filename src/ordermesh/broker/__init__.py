@@ -1,0 +1,1 @@
+"""Local Apache Kafka (KRaft) from the official jars: fetch, format, start, stop."""

@@ -1,0 +1,262 @@
+"""The consume -> handle -> produce -> commit loop every service runs.
+
+Commit discipline (ARCHITECTURE.md, "Guarantees"): a batch's offsets are committed only
+after the handler returned (its DB transaction is committed) and every record it asked
+for, events and DLQ copies alike, was acknowledged by Kafka. A crash anywhere before the
+commit redelivers the batch; handlers are idempotent per order_id, so that is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from ordermesh.config import Settings
+from ordermesh.errors import DeliveryError
+from ordermesh.kafka.client import make_consumer, make_producer
+from ordermesh.records import InRecord, OutRecord
+
+log = logging.getLogger(__name__)
+
+DELIVERY_ATTEMPTS = 3
+SUMMARY_EVERY_S = 10.0
+
+
+class BatchHandler(Protocol):
+    def handle(self, batch: list[InRecord]) -> list[OutRecord]: ...
+
+
+@dataclass
+class RunnerStats:
+    """Counters of one runner, read by metrics and the final log line."""
+
+    records_in: int = 0
+    records_out: int = 0
+    batches: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    rebalances: int = 0
+    last_batch_size: int = 0
+    handle_seconds: float = 0.0
+    produce_seconds: float = 0.0
+    assigned: set[tuple[str, int]] = field(default_factory=set)
+
+
+class _Delivery:
+    """Collects delivery reports of one batch."""
+
+    __slots__ = ("failed", "pending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.failed: list[tuple[OutRecord, str]] = []
+
+    def callback(self, record: OutRecord) -> Callable[[Any, Any], None]:
+        def on_delivery(err: Any, _msg: Any) -> None:
+            self.pending -= 1
+            if err is not None:
+                self.failed.append((record, str(err)))
+
+        return on_delivery
+
+
+def to_in_record(msg: Any) -> InRecord:
+    return InRecord(
+        topic=msg.topic(),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        key=msg.key(),
+        value=msg.value(),
+        headers=list(msg.headers() or ()),
+        timestamp_ms=msg.timestamp()[1],
+    )
+
+
+class BatchRunner:
+    """Runs ``handler`` over batches from ``topics`` in consumer group ``group``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group: str,
+        topics: Sequence[str],
+        handler: BatchHandler,
+        name: str,
+        consumer: Consumer | None = None,
+        producer: Producer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = list(topics)
+        self.handler = handler
+        self.name = name
+        self.max_batch = settings.batch_max
+        self.timeout = settings.batch_timeout_s
+        self.consumer = consumer or make_consumer(settings, group)
+        self.producer = producer or make_producer(settings)
+        self.stats = RunnerStats()
+        self._stop = threading.Event()
+
+    # --- control ---------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    # --- rebalance callbacks ---------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.stats.rebalances += 1
+        self.stats.assigned |= {(p.topic, p.partition) for p in partitions}
+        log.info("%s: assigned %s", self.name, _fmt(partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Batches are committed before the next poll, so nothing processed is uncommitted
+        # here: the revoked partitions can go as they are.
+        self.stats.rebalances += 1
+        self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
+        log.info("%s: revoked %s", self.name, _fmt(partitions))
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost partitions already belong to someone else: committing would be wrong.
+        self.stats.rebalances += 1
+        self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
+        log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
+
+    # --- loop ------------------------------------------------------------------------
+
+    def run(self, *, idle_exit_s: float | None = None) -> RunnerStats:
+        """Process until stopped (signal, ``request_stop``) or idle for ``idle_exit_s``."""
+        self.consumer.subscribe(
+            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )  # fmt: skip
+        log.info("%s: consuming %s", self.name, ", ".join(self.topics))
+        last_summary = time.monotonic()
+        last_data = time.monotonic()
+        summary_in = 0
+        try:
+            while not self._stop.is_set():
+                msgs = self.consumer.consume(num_messages=self.max_batch, timeout=self.timeout)
+                now = time.monotonic()
+                if msgs:
+                    records = self._records(msgs)
+                    if records:
+                        self.process(records)
+                        last_data = now
+                elif idle_exit_s is not None and now - last_data > idle_exit_s:
+                    break
+                if now - last_summary >= SUMMARY_EVERY_S:
+                    rate = (self.stats.records_in - summary_in) / (now - last_summary)
+                    log.info(
+                        "%s: %d in (%.0f/s), %d out, %d batches, %d commits",
+                        self.name, self.stats.records_in, rate, self.stats.records_out,
+                        self.stats.batches, self.stats.commits,
+                    )  # fmt: skip
+                    summary_in = self.stats.records_in
+                    last_summary = now
+        finally:
+            self.close()
+        return self.stats
+
+    def _records(self, msgs: list[Any]) -> list[InRecord]:
+        records = []
+        for msg in msgs:
+            err = msg.error()
+            if err is None:
+                records.append(to_in_record(msg))
+            elif err.code() == KafkaError._PARTITION_EOF:
+                continue
+            elif err.fatal():
+                raise KafkaException(err)
+            else:
+                log.warning("%s: consumer error: %s", self.name, err)
+        return records
+
+    def process(self, records: list[InRecord]) -> None:
+        """Handle one batch, produce its outputs, wait for acks, commit its offsets."""
+        t0 = time.perf_counter()
+        outs = self.handler.handle(records)
+        t1 = time.perf_counter()
+        self._produce_all(outs)
+        t2 = time.perf_counter()
+        self._commit(records)
+        st = self.stats
+        st.records_in += len(records)
+        st.records_out += len(outs)
+        st.batches += 1
+        st.last_batch_size = len(records)
+        st.handle_seconds += t1 - t0
+        st.produce_seconds += t2 - t1
+
+    def _produce_all(self, outs: list[OutRecord]) -> None:
+        pending = outs
+        for attempt in range(1, DELIVERY_ATTEMPTS + 1):
+            delivery = _Delivery()
+            for out in pending:
+                delivery.pending += 1
+                self._produce(out, delivery.callback(out))
+            self.producer.flush()
+            if delivery.pending:
+                # flush() without a timeout returns only when the queue is empty
+                raise DeliveryError(f"{delivery.pending} deliveries unreported after flush")
+            if not delivery.failed:
+                return
+            log.warning(
+                "%s: %d of %d records not acknowledged (attempt %d): %s",
+                self.name, len(delivery.failed), len(pending), attempt, delivery.failed[0][1],
+            )  # fmt: skip
+            pending = [rec for rec, _ in delivery.failed]
+        raise DeliveryError(f"{len(pending)} records not acknowledged after {DELIVERY_ATTEMPTS} tries")
+
+    def _produce(self, out: OutRecord, on_delivery: Callable[[Any, Any], None]) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    out.topic, out.value, out.key, headers=out.headers or None,
+                    on_delivery=on_delivery,
+                )  # fmt: skip
+                return
+            except BufferError:
+                # local queue full: serve delivery reports to make room
+                self.producer.poll(0.05)
+
+    def _commit(self, records: list[InRecord]) -> None:
+        highest: dict[tuple[str, int], int] = {}
+        for rec in records:
+            key = (rec.topic, rec.partition)
+            if rec.offset >= highest.get(key, -1):
+                highest[key] = rec.offset
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.stats.commits += 1
+        except KafkaException as exc:
+            # e.g. the partitions moved during the batch: the new owner gets the batch
+            # again and per-order idempotency makes that harmless
+            self.stats.commit_failures += 1
+            log.warning("%s: commit failed (%s); batch will be redelivered", self.name, exc)
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(10)
+        finally:
+            self.consumer.close()
+        log.info(
+            "%s: stopped after %d records in, %d out, %d batches",
+            self.name, self.stats.records_in, self.stats.records_out, self.stats.batches,
+        )  # fmt: skip
+
+
+def _fmt(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"

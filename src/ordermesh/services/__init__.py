@@ -1,0 +1,1 @@
+"""Pure service cores: ``handle(batch) -> records to produce``, no Kafka calls inside."""

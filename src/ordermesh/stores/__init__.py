@@ -1,0 +1,1 @@
+"""Databases owned by the services (SQLite by default), one module per service."""

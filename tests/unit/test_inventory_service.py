@@ -1,0 +1,473 @@
+"""InventoryService + InventoryStore on a real SQLite file, with hand-built records."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ordermesh import schema
+from ordermesh.errors import StoreError
+from ordermesh.records import ERROR_HEADER_PREFIX, InRecord, OutRecord, header
+from ordermesh.schema import (
+    CancelOrder,
+    ItemQty,
+    OrderCancelled,
+    OrderItem,
+    OrderPlaced,
+    OrderRejected,
+    OrderReserved,
+    StockReleased,
+)
+from ordermesh.services.inventory import InventoryService
+from ordermesh.stores.inventory import InventoryStore, StockRow
+
+ORDERS = "orders"
+COMMANDS = "order-commands"
+EVENTS = "order-events"
+DLQ = "orders-dlq"
+ERROR_FIELDS = ("topic", "partition", "offset", "timestamp", "service", "stage", "class", "message")
+
+_offsets = itertools.count()
+
+
+def service_for(store: InventoryStore, now: float = 1000.0) -> InventoryService:
+    return InventoryService(
+        store,
+        orders_topic=ORDERS,
+        commands_topic=COMMANDS,
+        events_topic=EVENTS,
+        dlq_topic=DLQ,
+        clock=lambda: now,
+    )
+
+
+def order(order_id: str, *items: tuple[str, int], price: float = 2.5) -> OrderPlaced:
+    lines = tuple(OrderItem(sku=sku, quantity=qty, unit_price=price) for sku, qty in items)
+    total = sum(round(price * 100) * qty for _, qty in items) / 100
+    return OrderPlaced(
+        order_id=order_id,
+        customer_id="c-1",
+        items=lines,
+        currency="EUR",
+        total=total,
+        created_at=500.0,
+    )
+
+
+def rec(
+    topic: str,
+    value: bytes | None,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> InRecord:
+    return InRecord(topic, 1, next(_offsets), key, value, headers or [], 1_700_000_000_000)
+
+
+def placed(o: OrderPlaced) -> InRecord:
+    return rec(ORDERS, schema.encode(o), o.order_id.encode())
+
+
+def cancel(order_id: str, reason: str = "") -> InRecord:
+    cmd = CancelOrder(order_id=order_id, requested_at=900.0, reason=reason)
+    return rec(COMMANDS, schema.encode(cmd), order_id.encode())
+
+
+def stock_of(store: InventoryStore) -> dict[str, tuple[int, int]]:
+    return {row.sku: (row.available, row.reserved) for row in store.stock()}
+
+
+def events(out: list[OutRecord]) -> list[schema.OrderEvent]:
+    assert all(r.topic == EVENTS for r in out)
+    return [schema.decode_event(r.value) for r in out]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[InventoryStore]:
+    with InventoryStore(tmp_path / "inventory.db") as s:
+        s.seed({"A": 10, "B": 5, "C": 1})
+        yield s
+
+
+@pytest.fixture
+def service(store: InventoryStore) -> InventoryService:
+    return service_for(store)
+
+
+# --- reservations ---------------------------------------------------------------------
+
+
+def test_reserve_takes_every_item_and_aggregates_repeated_skus(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    out = service.handle([placed(order("o1", ("A", 3), ("B", 2), ("A", 1)))])
+
+    assert len(out) == 1
+    assert out[0].key == b"o1"
+    (event,) = events(out)
+    assert event == OrderReserved(
+        order_id="o1",
+        items=(ItemQty("A", 4), ItemQty("B", 2)),
+        total=15.0,
+        currency="EUR",
+        order_created_at=500.0,
+        at=1000.0,
+    )
+    assert stock_of(store) == {"A": (6, 4), "B": (3, 2), "C": (1, 0)}
+    assert store.order_outcomes()["o1"] == ("RESERVED", (("A", 4), ("B", 2)))
+    assert service.stats.reserved == 1
+
+
+def test_out_of_stock_reserves_nothing(store: InventoryStore, service: InventoryService) -> None:
+    # A is plentiful, C is short: all or nothing, so A must stay untouched
+    out = service.handle([placed(order("o1", ("A", 2), ("C", 1), ("C", 1)))])
+
+    (event,) = events(out)
+    assert isinstance(event, OrderRejected)
+    assert event.reason == "OUT_OF_STOCK"
+    assert "'C'" in event.detail and "needed 2" in event.detail and "available 1" in event.detail
+    assert stock_of(store) == {"A": (10, 0), "B": (5, 0), "C": (1, 0)}
+    assert store.order_outcomes()["o1"].status == "REJECTED"
+    assert service.stats.rejected == {"OUT_OF_STOCK": 1}
+
+
+def test_later_orders_in_a_batch_see_earlier_reservations(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    out = service.handle([placed(order("o1", ("B", 4))), placed(order("o2", ("B", 2)))])
+
+    first, second = events(out)
+    assert isinstance(first, OrderReserved)
+    assert isinstance(second, OrderRejected) and second.reason == "OUT_OF_STOCK"
+    assert stock_of(store)["B"] == (1, 4)
+
+
+def test_unknown_sku_is_rejected_by_name(store: InventoryStore, service: InventoryService) -> None:
+    out = service.handle([placed(order("o1", ("A", 1), ("NOPE", 1)))])
+
+    (event,) = events(out)
+    assert isinstance(event, OrderRejected)
+    assert event.reason == "UNKNOWN_SKU"
+    assert "NOPE" in event.detail
+    assert stock_of(store)["A"] == (10, 0)
+    assert "NOPE" not in stock_of(store)
+
+
+# --- idempotency ----------------------------------------------------------------------
+
+
+def test_duplicate_in_same_batch_reemits_identical_bytes(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    o = order("o1", ("A", 3))
+    out = service.handle([placed(o), placed(o)])
+
+    assert len(out) == 2
+    assert out[0].value == out[1].value
+    assert stock_of(store)["A"] == (7, 3)
+    assert service.stats.reserved == 1
+    assert service.stats.duplicates == 1
+
+
+def test_redelivered_batch_reemits_identical_bytes_and_keeps_stock(
+    tmp_path: Path, store: InventoryStore
+) -> None:
+    batch = [placed(order("o1", ("A", 3))), placed(order("o2", ("C", 5)))]
+    first = service_for(store, now=1000.0).handle(batch)
+    stock_before = stock_of(store)
+
+    # later clock: re-emission must still be byte-identical
+    again = service_for(store, now=2000.0).handle(batch)
+
+    assert [r.value for r in again] == [r.value for r in first]
+    assert [r.key for r in again] == [b"o1", b"o2"]
+    assert stock_of(store) == stock_before
+    # a changed order under a known id is still a duplicate: the first decision stands
+    changed = service_for(store).handle([placed(order("o1", ("B", 1)))])
+    assert changed[0].value == first[0].value
+    assert stock_of(store) == stock_before
+
+
+def test_store_failure_commits_nothing_and_redelivery_works(
+    store: InventoryStore, service: InventoryService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = [placed(order("o1", ("A", 3))), cancel("o1")]
+
+    def broken(*_: object) -> None:
+        raise StoreError("disk on fire")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "insert_cancellations", broken)
+        with pytest.raises(StoreError):
+            service.handle(batch)
+
+    assert stock_of(store)["A"] == (10, 0)
+    assert store.order_outcomes() == {}
+    assert service.stats.batches == 0
+    out = service.handle(batch)
+    assert [type(e).__name__ for e in events(out)] == [
+        "OrderReserved",
+        "StockReleased",
+        "OrderCancelled",
+    ]
+
+
+# --- dead letters ---------------------------------------------------------------------
+
+
+def assert_dead_letter(out: OutRecord, original: InRecord, stage: str, error_class: str) -> None:
+    assert out.topic == DLQ
+    assert out.key == original.key
+    assert out.value == original.value
+    names = [name for name, _ in out.headers]
+    for name in ERROR_FIELDS:
+        assert names.count(ERROR_HEADER_PREFIX + name) == 1, name
+    assert out.headers[: len(original.headers)] == original.headers
+    assert header(out.headers, ERROR_HEADER_PREFIX + "topic") == original.topic.encode()
+    assert header(out.headers, ERROR_HEADER_PREFIX + "partition") == b"1"
+    assert header(out.headers, ERROR_HEADER_PREFIX + "offset") == str(original.offset).encode()
+    assert header(out.headers, ERROR_HEADER_PREFIX + "timestamp") == b"1700000000000"
+    assert header(out.headers, ERROR_HEADER_PREFIX + "service") == b"inventory"
+    assert header(out.headers, ERROR_HEADER_PREFIX + "stage") == stage.encode()
+    assert header(out.headers, ERROR_HEADER_PREFIX + "class") == error_class.encode()
+    assert header(out.headers, ERROR_HEADER_PREFIX + "message")
+
+
+def test_malformed_input_goes_to_dlq_with_original_bytes(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    bad_total = schema.encode(order("o2", ("A", 1))).replace(b'"total":2.5', b'"total":3.0')
+    batch = [
+        rec(ORDERS, b"{not json", b"k1", [("trace-id", b"abc"), ("x", b"\x00\xff")]),
+        rec(ORDERS, bad_total, b"o2"),
+        rec(ORDERS, None, None),
+        rec(COMMANDS, b'{"type":"Explode"}', b"o3", [("trace-id", b"def")]),
+        rec("elsewhere", b"{}", b"o4"),
+        placed(order("o5", ("A", 1))),
+    ]
+
+    out = service.handle(batch)
+
+    assert len(out) == 6
+    assert_dead_letter(out[0], batch[0], "decode", "DecodeError.json")
+    assert_dead_letter(out[1], batch[1], "decode", "DecodeError.validation")
+    assert_dead_letter(out[2], batch[2], "decode", "DecodeError.schema")
+    assert_dead_letter(out[3], batch[3], "decode", "DecodeError.schema")
+    assert_dead_letter(out[4], batch[4], "route", "UnexpectedTopic")
+    assert out[5].topic == EVENTS  # the good record behind the bad ones still goes through
+    assert stock_of(store)["A"] == (9, 1)
+    assert service.stats.dlq == 5
+
+
+# --- cancellation ---------------------------------------------------------------------
+
+
+def test_cancel_releases_exactly_once(store: InventoryStore, service: InventoryService) -> None:
+    service.handle([placed(order("o1", ("A", 3), ("B", 5)))])
+    assert stock_of(store)["B"] == (0, 5)
+
+    out = service.handle([cancel("o1", "customer asked")])
+
+    released, cancelled = events(out)
+    assert released == StockReleased("o1", (ItemQty("A", 3), ItemQty("B", 5)), at=1000.0)
+    assert cancelled == OrderCancelled("o1", at=1000.0, detail="customer asked")
+    assert [r.key for r in out] == [b"o1", b"o1"]
+    assert stock_of(store) == {"A": (10, 0), "B": (5, 0), "C": (1, 0)}
+    assert store.order_outcomes()["o1"].status == "CANCELLED"
+
+    again = service_for(store, now=3000.0).handle([cancel("o1"), placed(order("o1", ("A", 3)))])
+
+    assert [r.value for r in again[:2]] == [r.value for r in out]
+    assert isinstance(events(again[2:])[0], OrderReserved)  # the order's own outcome
+    assert stock_of(store) == {"A": (10, 0), "B": (5, 0), "C": (1, 0)}
+    assert service.stats.cancelled == 1
+
+
+def test_cancel_in_the_same_batch_as_its_order(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    out = service.handle([placed(order("o1", ("B", 5))), cancel("o1"), cancel("o1")])
+
+    kinds = [type(e).__name__ for e in events(out)]
+    released_cancelled = ["StockReleased", "OrderCancelled"]
+    assert kinds == ["OrderReserved", *released_cancelled, *released_cancelled]
+    assert out[3].value == out[1].value and out[4].value == out[2].value
+    assert stock_of(store)["B"] == (5, 0)
+    assert store.order_outcomes()["o1"].status == "CANCELLED"
+    # the next order may take the released stock
+    (event,) = events(service.handle([placed(order("o2", ("B", 5)))]))
+    assert isinstance(event, OrderReserved)
+
+
+def test_cancel_of_rejected_or_unknown_order_goes_to_dlq(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    service.handle([placed(order("o1", ("C", 9)))])  # rejected: out of stock
+    batch = [cancel("o1"), cancel("ghost")]
+
+    out = service.handle(batch)
+
+    assert_dead_letter(out[0], batch[0], "cancel", "CancelRejected")
+    assert_dead_letter(out[1], batch[1], "cancel", "CancelRejected")
+    assert b"REJECTED" in (header(out[0].headers, ERROR_HEADER_PREFIX + "message") or b"")
+    assert b"unknown" in (header(out[1].headers, ERROR_HEADER_PREFIX + "message") or b"")
+    assert store.order_outcomes()["o1"].status == "REJECTED"
+    assert "ghost" not in store.order_outcomes()
+    assert stock_of(store)["C"] == (1, 0)
+
+
+# --- store ----------------------------------------------------------------------------
+
+
+def test_seed_keeps_existing_stock_and_restock_adds(store: InventoryStore) -> None:
+    assert store.seed({"A": 99, "D": 7}) == 1
+    assert store.stock("A") == [StockRow("A", 10, 0)]
+    assert store.stock("D") == [StockRow("D", 7, 0)]
+    assert store.restock("A", 5) == StockRow("A", 15, 0)
+    assert store.restock("NEW", 2) == StockRow("NEW", 2, 0)
+    assert store.stock("missing") == []
+    assert store.movements_total() == {"A": 15, "B": 5, "C": 1, "D": 7, "NEW": 2}
+    with pytest.raises(StoreError):
+        store.update_stock([StockRow("A", 1, 1)])
+
+
+def test_many_skus_and_orders_cross_the_in_chunk_limit(tmp_path: Path) -> None:
+    with InventoryStore(tmp_path / "big.db") as store:
+        store.seed({f"S{i}": 100 for i in range(1200)})
+        service = service_for(store)
+        batch = [placed(order(f"o{i}", (f"S{i}", 1), (f"S{i + 1}", 2))) for i in range(1100)]
+
+        out = service.handle(batch)
+        again = service.handle(batch)
+
+        assert service.stats.reserved == 1100
+        assert service.stats.duplicates == 1100
+        assert [r.value for r in again] == [r.value for r in out]
+        rows = stock_of(store)
+        assert rows["S0"] == (99, 1) and rows["S1"] == (97, 3) and rows["S1100"] == (98, 2)
+
+
+# --- invariants -----------------------------------------------------------------------
+
+
+def check_invariants(store: InventoryStore) -> None:
+    totals = store.movements_total()
+    held: dict[str, int] = {}
+    for outcome in store.order_outcomes().values():
+        if outcome.status == "RESERVED":
+            for sku, qty in outcome.items:
+                held[sku] = held.get(sku, 0) + qty
+    for row in store.stock():
+        assert row.available >= 0 and row.reserved >= 0
+        assert totals[row.sku] == row.available + row.reserved, row
+        assert held.get(row.sku, 0) == row.reserved, row
+
+
+SKUS = ["A", "B", "C", "ZZZ"]  # ZZZ is never seeded
+
+op = st.one_of(
+    st.tuples(
+        st.just("order"),
+        st.integers(0, 15),
+        st.lists(st.tuples(st.sampled_from(SKUS), st.integers(1, 4)), min_size=1, max_size=3),
+    ),
+    st.tuples(st.just("cancel"), st.integers(0, 15)),
+    st.tuples(st.just("restock"), st.sampled_from(SKUS[:3]), st.integers(1, 5)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.lists(op, max_size=8), max_size=6), redeliver=st.booleans())
+def test_stock_is_conserved_over_random_sequences(
+    batches: list[list[tuple[object, ...]]], redeliver: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp, InventoryStore(Path(tmp) / "inv.db") as store:
+        store.seed({"A": 6, "B": 3, "C": 0})
+        service = service_for(store)
+        emitted: dict[tuple[bytes | None, str], set[bytes | None]] = {}
+        for ops in batches:
+            batch: list[InRecord] = []
+            for item in ops:
+                if item[0] == "order":
+                    items = item[2]
+                    assert isinstance(items, list)
+                    batch.append(placed(order(f"o{item[1]}", *items)))
+                elif item[0] == "cancel":
+                    batch.append(cancel(f"o{item[1]}"))
+                else:
+                    sku, qty = item[1], item[2]
+                    assert isinstance(sku, str) and isinstance(qty, int)
+                    store.restock(sku, qty)
+            deliveries = 2 if redeliver else 1
+            for _ in range(deliveries):
+                for r in service.handle(batch):
+                    if r.topic == EVENTS:
+                        kind = type(schema.decode_event(r.value)).__name__
+                        emitted.setdefault((r.key, kind), set()).add(r.value)
+                check_invariants(store)
+        # one decision per order and one release per cancel, whatever was redelivered
+        assert all(len(values) == 1 for values in emitted.values())
+
+
+def test_two_instances_on_one_db_never_over_reserve(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    seeded = {"A": 50, "B": 30}
+    with InventoryStore(path) as s1, InventoryStore(path) as s2:
+        s1.seed(seeded)
+        one, two = service_for(s1), service_for(s2)
+        batches = [
+            [placed(order(f"o{b}-{i}", ("A", 3), ("B", 2))) for i in range(4)] for b in range(10)
+        ]
+        outputs: dict[bytes | None, set[bytes | None]] = {}
+        for n, batch in enumerate(batches):
+            # each batch goes to one instance, and is redelivered to the other (rebalance)
+            first, second = (one, two) if n % 2 else (two, one)
+            for out in (first.handle(batch), second.handle(batch)):
+                for r in out:
+                    outputs.setdefault(r.key, set()).add(r.value)
+
+        assert all(len(values) == 1 for values in outputs.values())
+        rows = stock_of(s1)
+        assert rows["A"][1] <= seeded["A"] and rows["B"][1] <= seeded["B"]
+        assert rows == {"A": (5, 45), "B": (0, 30)}  # B ran out after 15 orders
+        check_invariants(s1)
+
+
+def test_two_instances_in_threads_serialize_on_the_db(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    with InventoryStore(path) as seed_store:
+        seed_store.seed({"A": 100})
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            with InventoryStore(path) as store:
+                service = service_for(store)
+                for b in range(20):
+                    # both instances see the same orders (overlapping partitions) and own ones
+                    shared = [placed(order(f"s{b}-{i}", ("A", 1))) for i in range(3)]
+                    own = [placed(order(f"{name}{b}-{i}", ("A", 1))) for i in range(3)]
+                    service.handle(shared + own)
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("x", "y")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not errors
+    with InventoryStore(path) as store:
+        outcomes = store.order_outcomes()
+        reserved = sum(1 for o in outcomes.values() if o.status == "RESERVED")
+        assert len(outcomes) == 20 * 3 * 3
+        assert reserved == 100  # exactly the seeded stock, never more
+        assert store.stock("A") == [StockRow("A", 0, 100)]
+        check_invariants(store)
