@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,3 +82,85 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> SettingsFactory:
 @pytest.fixture
 def settings(settings_factory: SettingsFactory) -> Settings:
     return settings_factory()
+
+
+# --- service processes -------------------------------------------------------------------
+
+
+class ServiceProcess:
+    """An ``ordermesh`` subcommand run as a child process, with its log in a file."""
+
+    def __init__(self, args: list[str], settings: Settings, log_path: Path) -> None:
+        env = dict(os.environ)
+        env.update(settings_env(settings))
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ordermesh", *args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The ORDERMESH_* environment that reproduces ``settings`` in a child process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        env[f"ORDERMESH_{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start ordermesh services as child processes; all are stopped (by PID) at the end."""
+    started: list[ServiceProcess] = []
+
+    def start(args: list[str], settings: Settings, name: str | None = None) -> ServiceProcess:
+        log_name = f"{name or args[0]}-{len(started)}.log"
+        proc = ServiceProcess(args, settings, tmp_path / log_name)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.alive():
+            proc.signal(signal.SIGKILL)
+            proc.wait(30)
+
+
+def wait_for(condition: Callable[[], Any], deadline_s: float, what: str,
+             interval: float = 0.25) -> Any:  # fmt: skip
+    """Poll ``condition`` until it returns a truthy value, or fail naming ``what``."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {deadline_s:.0f}s waiting for {what}")

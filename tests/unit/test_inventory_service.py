@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -335,6 +336,7 @@ def test_seed_keeps_existing_stock_and_restock_adds(store: InventoryStore) -> No
     assert store.movements_total() == {"A": 15, "B": 5, "C": 1, "D": 7, "NEW": 2}
     with pytest.raises(StoreError):
         store.update_stock([StockRow("A", 1, 1)])
+    store.update_stock([])  # nothing to write needs no transaction
 
 
 def test_many_skus_and_orders_cross_the_in_chunk_limit(tmp_path: Path) -> None:
@@ -471,3 +473,15 @@ def test_two_instances_in_threads_serialize_on_the_db(tmp_path: Path) -> None:
         assert reserved == 100  # exactly the seeded stock, never more
         assert store.stock("A") == [StockRow("A", 0, 100)]
         check_invariants(store)
+
+
+def test_batch_of_only_dead_letters_does_not_lock_the_db(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another instance holds the write lock
+        out = service.handle([rec(ORDERS, b"garbage", b"k")])
+        assert [r.topic for r in out] == [DLQ]
+    finally:
+        other.close()

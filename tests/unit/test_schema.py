@@ -54,7 +54,7 @@ def dumps(obj: Any) -> bytes:
 
 def with_item(**fields: Any) -> dict[str, Any]:
     """A one-item order whose item has ``fields`` and whose total matches when it can."""
-    item = {"sku": "SKU-00001", "quantity": 1, "unit_price": 10.0} | fields
+    item: dict[str, Any] = {"sku": "SKU-00001", "quantity": 1, "unit_price": 10.0} | fields
     price, quantity = item["unit_price"], item["quantity"]
     numbers = all(type(x) in (int, float) for x in (price, quantity))
     return order_dict(items=[item], total=round(price * quantity, 2) if numbers else 10.0)

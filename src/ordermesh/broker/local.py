@@ -178,9 +178,7 @@ class LocalCluster:
             self._save_state(state)
             self.wait_ready(state)
             return state, True
-        ports = (
-            [port + i for i in range(2 * nodes)] if port is not None else free_ports(2 * nodes)
-        )
+        ports = [port + i for i in range(2 * nodes)] if port is not None else free_ports(2 * nodes)
         state = ClusterState(
             cluster_id=new_cluster_id(),
             nodes=[NodeState(i + 1, ports[2 * i], ports[2 * i + 1]) for i in range(nodes)],
@@ -367,7 +365,9 @@ class LocalCluster:
         for node in ours:
             assert node.pid is not None
             if not self._wait_exit(node.pid, STOP_DEADLINE_S):
-                log.warning("node %d pid %d ignored SIGTERM; sending SIGKILL", node.node_id, node.pid)
+                log.warning(
+                    "node %d pid %d ignored SIGTERM; sending SIGKILL", node.node_id, node.pid
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(node.pid, signal.SIGKILL)
                 self._wait_exit(node.pid, 10)

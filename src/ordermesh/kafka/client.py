@@ -68,9 +68,9 @@ def consumer_config(settings: Settings, group: str, **overrides: Any) -> ClientC
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": 10_000,
-            "heartbeat.interval.ms": 1_000,
+            # KIP-848 group protocol (Kafka 4): the broker assigns partitions
+            # incrementally; no stop-the-world rebalance when an instance joins or leaves
+            "group.protocol": "consumer",
             "max.poll.interval.ms": 120_000,
             "fetch.min.bytes": 1,
             "queued.max.messages.kbytes": 262_144,

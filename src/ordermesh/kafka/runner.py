@@ -154,6 +154,8 @@ class BatchRunner:
                     if records:
                         self.process(records)
                         last_data = now
+                elif not self.stats.assigned:
+                    last_data = now  # idle time counts only while we own partitions
                 elif idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
                 if now - last_summary >= SUMMARY_EVERY_S:
@@ -217,7 +219,9 @@ class BatchRunner:
                 self.name, len(delivery.failed), len(pending), attempt, delivery.failed[0][1],
             )  # fmt: skip
             pending = [rec for rec, _ in delivery.failed]
-        raise DeliveryError(f"{len(pending)} records not acknowledged after {DELIVERY_ATTEMPTS} tries")
+        raise DeliveryError(
+            f"{len(pending)} records not acknowledged after {DELIVERY_ATTEMPTS} tries"
+        )
 
     def _produce(self, out: OutRecord, on_delivery: Callable[[Any, Any], None]) -> None:
         while True:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -169,20 +170,12 @@ class InventoryService:
                 order_ids.add(command.order_id)
                 work.append((record, command))
             else:
-                work.append(
-                    (
-                        record,
-                        self._dlq(
-                            record,
-                            "route",
-                            "UnexpectedTopic",
-                            f"inventory does not consume {record.topic!r}",
-                        ),
-                    )
-                )
+                message = f"inventory does not consume {record.topic!r}"
+                work.append((record, self._dlq(record, "route", "UnexpectedTopic", message)))
 
         state = _Batch(self._clock())
-        with self.store.transaction():
+        # a batch of nothing but dead letters must not wait for the shared database's lock
+        with self.store.transaction() if order_ids else nullcontext():
             for order_id, known in self.store.load_orders(order_ids).items():
                 state.orders[order_id] = _Order(
                     known.status, known.items, known.outcome, known.cancel_outcome, None
@@ -204,7 +197,7 @@ class InventoryService:
                         self._count_dlq(state, record, task)
                 except StoreError:
                     raise
-                except Exception as exc:  # one bad record must not stop the consumer
+                except Exception as exc:  # a bug on one record must not stop the consumer
                     logger.exception("inventory: unexpected error on %s", record.where())
                     state.out.append(
                         self._dlq(record, "process", type(exc).__name__, f"unexpected: {exc!r}")

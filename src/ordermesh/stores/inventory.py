@@ -359,37 +359,44 @@ class InventoryStore:
 
     def update_stock(self, rows: Iterable[StockRow]) -> None:
         """Write final ``available``/``reserved`` values of existing skus."""
+        params = [(row.available, row.reserved, row.sku) for row in rows]
+        if not params:
+            return
         self._require_transaction()
         with self._translate("update stock"):
             self._conn.executemany(
-                "UPDATE stock SET available = ?, reserved = ? WHERE sku = ?",
-                [(row.available, row.reserved, row.sku) for row in rows],
+                "UPDATE stock SET available = ?, reserved = ? WHERE sku = ?", params
             )
 
     def insert_orders(self, orders: Iterable[NewOrder]) -> None:
+        params = [
+            (
+                o.order_id,
+                o.status,
+                o.reason,
+                encode_items(o.items),
+                o.outcome,
+                o.decided_at,
+                o.source,
+            )
+            for o in orders
+        ]
+        if not params:
+            return
         self._require_transaction()
         with self._translate("insert orders"):
             self._conn.executemany(
                 "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at, source)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        o.order_id,
-                        o.status,
-                        o.reason,
-                        encode_items(o.items),
-                        o.outcome,
-                        o.decided_at,
-                        o.source,
-                    )
-                    for o in orders
-                ],
+                params,
             )
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
         """Record cancellations; orders already stored as RESERVED become CANCELLED."""
-        self._require_transaction()
         rows = list(cancellations)
+        if not rows:
+            return
+        self._require_transaction()
         with self._translate("insert cancellations"):
             self._conn.executemany(
                 "UPDATE orders SET status = 'CANCELLED' WHERE order_id = ? AND status = 'RESERVED'",

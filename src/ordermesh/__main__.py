@@ -1,0 +1,3 @@
+from ordermesh.cli import app
+
+app()
