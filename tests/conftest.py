@@ -97,8 +97,11 @@ class ServiceProcess:
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ordermesh", *args],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     @property
     def pid(self) -> int:
@@ -154,8 +157,9 @@ def service_factory(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
             proc.wait(30)
 
 
-def wait_for(condition: Callable[[], Any], deadline_s: float, what: str,
-             interval: float = 0.25) -> Any:  # fmt: skip
+def wait_for(
+    condition: Callable[[], Any], deadline_s: float, what: str, interval: float = 0.25
+) -> Any:
     """Poll ``condition`` until it returns a truthy value, or fail naming ``what``."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

@@ -51,6 +51,7 @@ CURRENCIES: Final = frozenset(
 )
 
 RejectReason = Literal["OUT_OF_STOCK", "UNKNOWN_SKU", "INVALID_ORDER"]
+CancelRejectReason = Literal["ORDER_REJECTED"]
 
 Sku = Annotated[str, Meta(min_length=1, max_length=64)]
 OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -113,7 +114,16 @@ class OrderCancelled(msgspec.Struct, frozen=True, tag="OrderCancelled", tag_fiel
     detail: str = ""
 
 
-OrderEvent = OrderReserved | OrderRejected | StockReleased | OrderCancelled
+class CancelRejected(msgspec.Struct, frozen=True, tag="CancelRejected", tag_field="type"):
+    """A cancel that cannot apply: the order was rejected, so nothing is held."""
+
+    order_id: str
+    reason: CancelRejectReason
+    detail: str
+    at: float
+
+
+OrderEvent = OrderReserved | OrderRejected | StockReleased | OrderCancelled | CancelRejected
 OUTCOME_TYPES: Final = ("OrderReserved", "OrderRejected")
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from ordermesh.config import Settings
 from ordermesh.errors import TopicError
@@ -103,7 +103,7 @@ def ensure_topics(
                 future.result()
                 created.add(name)
                 log.info("created topic %s (rf=%d, min.insync.replicas=%d)", name, rf, min_isr)
-            except Exception as exc:  # noqa: BLE001 - a concurrent creator is fine, checked below
+            except Exception as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise TopicError(f"could not create topic {name}: {exc}") from exc
         existing = _wait_visible(admin, names, specs)

@@ -13,6 +13,7 @@ Invariants (issue 3):
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ordermesh import schema
@@ -122,7 +123,7 @@ def check(
     obs: Observed,
     stock: list[StockRow],
     movements: dict[str, int],
-    db_orders: dict[str, tuple[str, tuple[tuple[str, int], ...]]],
+    db_orders: Mapping[str, tuple[str, tuple[tuple[str, int], ...]]],
 ) -> VerifyReport:
     """Pure invariant checks over observed topics and the inventory DB contents."""
     report = VerifyReport(
@@ -143,9 +144,10 @@ def check(
         first = next(iter(copies))
         kind = schema.decode_event(first)
         label = (
-            f"OrderRejected.{kind.reason}" if isinstance(kind, schema.OrderRejected)
+            f"OrderRejected.{kind.reason}"
+            if isinstance(kind, schema.OrderRejected)
             else type(kind).__name__
-        )  # fmt: skip
+        )
         report.outcomes[label] += 1
     for where in sorted(obs.invalid):
         count = obs.dlq_sources.get(where, 0)
@@ -162,10 +164,10 @@ def check(
         if order_id not in obs.valid_orders and order_id not in obs.outcomes:
             report.violate("unknown_db_order", f"DB has order {order_id} not seen on the topics")
     held_events: Counter[str] = Counter()
-    for order_id, items in obs.reserved_items.items():
+    for order_id, reserved in obs.reserved_items.items():
         if order_id in obs.cancelled:
             continue
-        for item in items:
+        for item in reserved:
             held_events[item.sku] += item.quantity
     for row in stock:
         if row.available < 0 or row.reserved < 0:

@@ -16,8 +16,9 @@ from ordermesh.topics import ensure_topics
 pytestmark = pytest.mark.cluster
 
 
-def _produce(producer: object, topic: str, start: int, count: int, acked: set[bytes],
-             failed: list[str]) -> None:  # fmt: skip
+def _produce(
+    producer: object, topic: str, start: int, count: int, acked: set[bytes], failed: list[str]
+) -> None:
     def on_delivery(err: object, msg: object) -> None:
         if err is None:
             acked.add(msg.value())  # type: ignore[attr-defined]
@@ -39,8 +40,9 @@ def _produce(producer: object, topic: str, start: int, count: int, acked: set[by
 def test_rf3_survives_sigkill_of_one_broker(kafka_cluster3: LocalCluster) -> None:
     state = kafka_cluster3.load_state()
     assert state is not None
-    settings = Settings(bootstrap_servers=state.bootstrap_servers,
-                        topic_prefix=f"f{uuid.uuid4().hex[:8]}-")  # fmt: skip
+    settings = Settings(
+        bootstrap_servers=state.bootstrap_servers, topic_prefix=f"f{uuid.uuid4().hex[:8]}-"
+    )
     reports = ensure_topics(make_admin(settings), settings)
     assert all(r.replication_factor == 3 for r in reports)
     topic = settings.topic("orders")

@@ -19,8 +19,9 @@ def test_sigkill_mid_stream_then_restart(
 ) -> None:
     # scarce stock, so a double reservation would show up as broken conservation
     seed(settings, skus=300, stock=80)
-    summary = run_load(settings, count=40_000, duration=None, rate=None, malformed_ratio=0.03,
-                       seed=21, skus=320)  # fmt: skip
+    summary = run_load(
+        settings, count=40_000, duration=None, rate=None, malformed_ratio=0.03, seed=21, skus=320
+    )
     victim = service_factory(["inventory", "run"], settings, "inv-victim")
     wait_for(lambda: _events(settings) > 5_000, 90, "the service to be mid-stream")
     victim.signal(signal.SIGKILL)

@@ -33,8 +33,12 @@ def test_produce_consume_round_trip_idempotent_acks_all(settings: Settings) -> N
     sent = [f"msg-{i}".encode() for i in range(500)]
     errors: list[object] = []
     for i, value in enumerate(sent):
-        producer.produce(topic, value, key=str(i).encode(),
-                         on_delivery=lambda err, _m: errors.append(err) if err else None)  # fmt: skip
+        producer.produce(
+            topic,
+            value,
+            key=str(i).encode(),
+            on_delivery=lambda err, _m: errors.append(err) if err else None,
+        )
     assert producer.flush(30) == 0
     assert errors == []
     consumer = make_consumer(settings, f"rt-{uuid.uuid4().hex[:6]}")
@@ -65,7 +69,8 @@ def test_topics_with_wrong_shape_are_reported(settings_factory: SettingsFactory)
     settings = settings_factory()
     wrong = Settings(**{**settings.model_dump(), "topic_prefix": settings.topic_prefix + "w-"})
     admin = make_admin(wrong)
-    admin.create_topics([NewTopic(wrong.topic("orders"), num_partitions=2,
-                                  replication_factor=1)])[wrong.topic("orders")].result()  # fmt: skip
+    admin.create_topics([NewTopic(wrong.topic("orders"), num_partitions=2, replication_factor=1)])[
+        wrong.topic("orders")
+    ].result()
     with pytest.raises(TopicError, match="2 partitions"):
         ensure_topics(admin, wrong)

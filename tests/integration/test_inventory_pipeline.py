@@ -21,8 +21,16 @@ from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import ServiceProcess, wait_for
 
-ERROR_HEADERS = ("topic", "partition", "offset", "timestamp", "service", "stage", "class",
-                 "message")  # fmt: skip
+ERROR_HEADERS = (
+    "topic",
+    "partition",
+    "offset",
+    "timestamp",
+    "service",
+    "stage",
+    "class",
+    "message",
+)
 
 
 def seed(settings: Settings, skus: int, stock: int) -> None:
@@ -43,8 +51,9 @@ def drained(settings: Settings) -> bool:
 def test_20k_orders_with_malformed_no_faults(settings: Settings) -> None:
     # 1000 SKUs seeded with little stock, orders drawn from 1050: some run out, some unknown
     seed(settings, skus=1000, stock=60)
-    summary = run_load(settings, count=20_000, duration=None, rate=None,
-                       malformed_ratio=0.05, seed=7, skus=1050)  # fmt: skip
+    summary = run_load(
+        settings, count=20_000, duration=None, rate=None, malformed_ratio=0.05, seed=7, skus=1050
+    )
     assert summary.failed == 0 and summary.acknowledged == 20_000
     assert summary.malformed_sent > 500
 
@@ -87,8 +96,10 @@ def test_20k_orders_with_malformed_no_faults(settings: Settings) -> None:
             pass
 
     # the events topic agrees with the DB on every order, and stock matches the ledger
-    kinds = Counter(schema.decode_event(r.value).__class__.__name__
-                    for r in read_topic(settings, settings.topic(EVENTS)))  # fmt: skip
+    kinds = Counter(
+        schema.decode_event(r.value).__class__.__name__
+        for r in read_topic(settings, settings.topic(EVENTS))
+    )
     assert kinds["OrderReserved"] + kinds["OrderRejected"] == report.valid_orders
 
 
@@ -141,8 +152,7 @@ def test_sigterm_finishes_batch_commits_and_exits_zero(
 ) -> None:
     seed(settings, skus=100, stock=1000)
     proc = service_factory(["inventory", "run"], settings, "inv")
-    run_load(settings, count=5_000, duration=None, rate=None, malformed_ratio=0.0,
-             seed=3, skus=100)  # fmt: skip
+    run_load(settings, count=5_000, duration=None, rate=None, malformed_ratio=0.0, seed=3, skus=100)
     wait_for(lambda: drained(settings), 90, "the service to drain the topic")
     proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 0, proc.log_text()[-3000:]

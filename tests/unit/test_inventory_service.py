@@ -306,7 +306,7 @@ def test_cancel_in_the_same_batch_as_its_order(
     assert isinstance(event, OrderReserved)
 
 
-def test_cancel_of_rejected_or_unknown_order_goes_to_dlq(
+def test_cancel_of_rejected_order_is_an_event_and_of_unknown_order_a_dead_letter(
     store: InventoryStore, service: InventoryService
 ) -> None:
     service.handle([placed(order("o1", ("C", 9)))])  # rejected: out of stock
@@ -314,9 +314,11 @@ def test_cancel_of_rejected_or_unknown_order_goes_to_dlq(
 
     out = service.handle(batch)
 
-    assert_dead_letter(out[0], batch[0], "cancel", "CancelRejected")
+    assert out[0].topic == EVENTS and out[0].key == b"o1"
+    event = schema.decode_event(out[0].value)
+    assert isinstance(event, schema.CancelRejected)
+    assert event.reason == "ORDER_REJECTED" and "REJECTED" in event.detail
     assert_dead_letter(out[1], batch[1], "cancel", "CancelRejected")
-    assert b"REJECTED" in (header(out[0].headers, ERROR_HEADER_PREFIX + "message") or b"")
     assert b"unknown" in (header(out[1].headers, ERROR_HEADER_PREFIX + "message") or b"")
     assert store.order_outcomes()["o1"].status == "REJECTED"
     assert "ghost" not in store.order_outcomes()

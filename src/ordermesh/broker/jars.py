@@ -35,12 +35,16 @@ def ensure_jars(jar_dir: Path, version: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cmd = [
-        mvn, "-q", "-B", "-f", str(pom_path()),
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(pom_path()),
         "dependency:copy-dependencies",
         f"-DoutputDirectory={tmp}",
         "-DincludeScope=runtime",
         f"-Dkafka.version={version}",
-    ]  # fmt: skip
+    ]
     log.info("fetching Kafka %s jars with Maven into %s", version, jar_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -25,6 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ordermesh.errors import BrokerError
 
@@ -249,9 +250,14 @@ class LocalCluster:
         (ndir / "log4j2.properties").write_text(_LOG4J2.format(log_file=ndir / "server.log"))
         cmd = [
             *self._java(ndir, heap_mb=256),
-            "kafka.tools.StorageTool", "format", "--ignore-formatted",
-            "-t", state.cluster_id, "-c", str(ndir / "server.properties"),
-        ]  # fmt: skip
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+            state.cluster_id,
+            "-c",
+            str(ndir / "server.properties"),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise BrokerError(
@@ -281,9 +287,12 @@ class LocalCluster:
         with open(ndir / "kafka.log", "ab") as out:
             # own session: a Ctrl-C in the terminal must not kill the broker under the services
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         node.pid = proc.pid
         self._procs[proc.pid] = proc
         (ndir / "kafka.pid").write_text(str(proc.pid))
@@ -303,9 +312,8 @@ class LocalCluster:
         """Block until every broker is registered and answers metadata, or raise."""
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient(
-            {"bootstrap.servers": state.bootstrap_servers, "log_level": 0, "logger": log}
-        )
+        conf: dict[str, Any] = {"bootstrap.servers": state.bootstrap_servers, "logger": log}
+        admin = AdminClient(conf)
         want = {n.node_id for n in state.nodes}
         end = time.monotonic() + deadline_s
         last_error = ""

@@ -14,7 +14,6 @@ from ordermesh.kafka.client import common_config
 from ordermesh.kafka.runner import to_in_record
 from ordermesh.records import InRecord
 
-
 _SETTLING = {
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
@@ -66,10 +65,8 @@ def watermarks(
             return int(low), int(high)
         except KafkaException as exc:
             # leadership of a just-created or just-moved partition is still settling
-            if (
-                time.monotonic() > end
-                or not exc.args[0].retriable()
-                and exc.args[0].code() not in _SETTLING
+            if time.monotonic() > end or (
+                not exc.args[0].retriable() and exc.args[0].code() not in _SETTLING
             ):
                 raise
             time.sleep(0.2)
@@ -102,11 +99,12 @@ def read_topic(
                 if msg.error() is not None:
                     continue
                 p = msg.partition()
-                if p not in todo:
+                offset = msg.offset()
+                if p not in todo or p is None or offset is None:
                     continue
-                if msg.offset() < todo[p]:
+                if offset < todo[p]:
                     yield to_in_record(msg)
-                if msg.offset() >= todo[p] - 1:
+                if offset >= todo[p] - 1:
                     del todo[p]
     finally:
         consumer.close()

@@ -138,9 +138,11 @@ class BatchRunner:
     def run(self, *, idle_exit_s: float | None = None) -> RunnerStats:
         """Process until stopped (signal, ``request_stop``) or idle for ``idle_exit_s``."""
         self.consumer.subscribe(
-            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_lost,
-        )  # fmt: skip
+        )
         log.info("%s: consuming %s", self.name, ", ".join(self.topics))
         last_summary = time.monotonic()
         last_data = time.monotonic()
@@ -162,9 +164,13 @@ class BatchRunner:
                     rate = (self.stats.records_in - summary_in) / (now - last_summary)
                     log.info(
                         "%s: %d in (%.0f/s), %d out, %d batches, %d commits",
-                        self.name, self.stats.records_in, rate, self.stats.records_out,
-                        self.stats.batches, self.stats.commits,
-                    )  # fmt: skip
+                        self.name,
+                        self.stats.records_in,
+                        rate,
+                        self.stats.records_out,
+                        self.stats.batches,
+                        self.stats.commits,
+                    )
                     summary_in = self.stats.records_in
                     last_summary = now
         finally:
@@ -216,8 +222,12 @@ class BatchRunner:
                 return
             log.warning(
                 "%s: %d of %d records not acknowledged (attempt %d): %s",
-                self.name, len(delivery.failed), len(pending), attempt, delivery.failed[0][1],
-            )  # fmt: skip
+                self.name,
+                len(delivery.failed),
+                len(pending),
+                attempt,
+                delivery.failed[0][1],
+            )
             pending = [rec for rec, _ in delivery.failed]
         raise DeliveryError(
             f"{len(pending)} records not acknowledged after {DELIVERY_ATTEMPTS} tries"
@@ -227,9 +237,12 @@ class BatchRunner:
         while True:
             try:
                 self.producer.produce(
-                    out.topic, out.value, out.key, headers=out.headers or None,
+                    out.topic,
+                    out.value,
+                    out.key,
+                    headers=out.headers or None,  # type: ignore[arg-type]
                     on_delivery=on_delivery,
-                )  # fmt: skip
+                )
                 return
             except BufferError:
                 # local queue full: serve delivery reports to make room
@@ -258,8 +271,11 @@ class BatchRunner:
             self.consumer.close()
         log.info(
             "%s: stopped after %d records in, %d out, %d batches",
-            self.name, self.stats.records_in, self.stats.records_out, self.stats.batches,
-        )  # fmt: skip
+            self.name,
+            self.stats.records_in,
+            self.stats.records_out,
+            self.stats.batches,
+        )
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

@@ -14,9 +14,9 @@ Choices worth knowing:
 - A redelivered ``OrderPlaced`` of a cancelled order re-emits its original outcome
   (``OrderReserved``), not the cancel events: it answers the message that was redelivered.
   Consumers of ``order-events`` must not move a status backwards (architecture rule).
-- Cancelling a REJECTED or unknown order goes to the DLQ (stage ``cancel``, class
-  ``CancelRejected``). ``orders`` and ``order-commands`` are not ordered with respect to
-  each other, so a cancel can overtake its order; it is not parked here but dead-lettered
+- Cancelling a REJECTED order emits ``CancelRejected`` (a business outcome). Cancelling
+  an unknown order goes to the DLQ (stage ``cancel``, class ``CancelRejected``).
+  ``orders`` and ``order-commands`` are not ordered with respect to each other, so a cancel can overtake its order; it is not parked here but dead-lettered
   so an operator (or the DLQ replay tool) can replay it once the order exists.
 """
 
@@ -34,6 +34,7 @@ from ordermesh.errors import DecodeError, StoreError
 from ordermesh.records import ERROR_HEADER_PREFIX, InRecord, OutRecord, dead_letter, header
 from ordermesh.schema import (
     CancelOrder,
+    CancelRejected,
     ItemQty,
     OrderCancelled,
     OrderPlaced,
@@ -67,6 +68,7 @@ class InventoryStats:
     duplicates: int = 0
     dlq: int = 0
     cancelled: int = 0
+    cancel_rejected: int = 0
 
     def add(self, other: InventoryStats) -> None:
         self.batches += other.batches
@@ -77,6 +79,7 @@ class InventoryStats:
         self.duplicates += other.duplicates
         self.dlq += other.dlq
         self.cancelled += other.cancelled
+        self.cancel_rejected += other.cancel_rejected
 
 
 class _Order:
@@ -325,14 +328,15 @@ class InventoryService:
             state.stats.duplicates += 1
             return
         if known.status != "RESERVED":
-            dlq = self._dlq(
-                record,
-                "cancel",
-                CANCEL_REJECTED,
-                f"order {order_id!r} is {known.status}; nothing to cancel",
+            # a business outcome, not a processing failure: an event, not a DLQ entry
+            rejected = CancelRejected(
+                order_id=order_id,
+                reason="ORDER_REJECTED",
+                detail=f"order {order_id!r} is {known.status}; nothing to cancel",
+                at=state.now,
             )
-            state.out.append(dlq)
-            self._count_dlq(state, record, dlq)
+            state.out.append(OutRecord(self.events_topic, key, schema.encode(rejected)))
+            state.stats.cancel_rejected += 1
             return
 
         for sku, quantity in known.items:

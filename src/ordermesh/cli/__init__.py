@@ -1,0 +1,9 @@
+"""The ``ordermesh`` command line: the only place that builds Settings and prints.
+
+Each module registers its commands on the one typer ``app`` in ``common``.
+"""
+
+from ordermesh.cli import broker, inventory  # noqa: F401 - registers commands
+from ordermesh.cli.common import app
+
+__all__ = ["app"]
