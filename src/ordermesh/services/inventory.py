@@ -17,7 +17,8 @@ Choices worth knowing:
 - Cancelling a REJECTED order emits ``CancelRejected`` (a business outcome). Cancelling
   an unknown order goes to the DLQ (stage ``cancel``, class ``CancelRejected``).
   ``orders`` and ``order-commands`` are not ordered with respect to each other, so a
-  cancel can overtake its order; it is not parked here but dead-lettered so an operator (or the DLQ replay tool) can replay it once the order exists.
+  cancel can overtake its order; it is not parked here but dead-lettered so an operator
+  (or the DLQ replay tool) can replay it once the order exists.
 """
 
 from __future__ import annotations
