@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     batch_timeout_s: float = 0.05
     dlq_max_replays: int = 3
 
+    # HTTP API: its own small DB (idempotency keys); comma-separated keys that POST
+    # endpoints require when set
+    api_db: Path | None = None
+    api_keys: SecretStr | None = None
+
     def kafka_jar_dir(self) -> Path:
         """Where the Kafka jars of ``kafka_version`` are cached."""
         base = self.kafka_cache_dir or _default_cache_dir()
@@ -69,3 +74,13 @@ class Settings(BaseSettings):
 
     def tracker_db_path(self) -> Path:
         return self.tracker_db or self.data_dir / "tracker.db"
+
+    def api_db_path(self) -> Path:
+        return self.api_db or self.data_dir / "api.db"
+
+    def api_key_set(self) -> frozenset[str]:
+        """The configured API keys (empty: no authentication)."""
+        if self.api_keys is None:
+            return frozenset()
+        keys = self.api_keys.get_secret_value().split(",")
+        return frozenset(key.strip() for key in keys if key.strip())

@@ -8,6 +8,9 @@ Invariants (issue 3):
 - per SKU: seeded + restocked == available + reserved, the reserved quantity equals what
   the RESERVED orders hold in the DB and what the ``OrderReserved`` events (not cancelled)
   hold; no negative stock.
+- when the tracker DB exists (issue 4): every valid order has a tracker row, and its
+  status is the one the inventory DB decided (RESERVED, REJECTED, CANCELLED; PLACED only
+  while the inventory has not decided it); the tracker holds no order the topics lack.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ordermesh.errors import DecodeError
 from ordermesh.kafka.reader import read_topic
 from ordermesh.records import ERROR_HEADER_PREFIX, header
 from ordermesh.stores.inventory import InventoryStore, StockRow
+from ordermesh.stores.tracker import TrackerStore
 from ordermesh.topics import DLQ, EVENTS, ORDERS
 
 MAX_LISTED = 20
@@ -37,6 +41,10 @@ class VerifyReport:
     duplicate_dlq: int = 0
     dlq_entries: int = 0
     cancelled: int = 0
+    tracker_checked: bool = False
+    tracker_orders: int = 0
+    tracker_missing: int = 0
+    tracker_mismatches: int = 0
     violations: list[str] = field(default_factory=list)
     violation_counts: Counter[str] = field(default_factory=Counter)
 
@@ -60,6 +68,10 @@ class VerifyReport:
             "dlq_entries": self.dlq_entries,
             "duplicate_dlq": self.duplicate_dlq,
             "cancelled": self.cancelled,
+            "tracker_checked": self.tracker_checked,
+            "tracker_orders": self.tracker_orders,
+            "tracker_missing": self.tracker_missing,
+            "tracker_mismatches": self.tracker_mismatches,
             "violation_counts": dict(self.violation_counts),
             "violations": self.violations,
         }
@@ -194,6 +206,50 @@ def check(
     return report
 
 
+def _expected_tracker_status(
+    order_id: str,
+    obs: Observed,
+    db_orders: Mapping[str, tuple[str, tuple[tuple[str, int], ...]]],
+) -> str:
+    """The status the tracker must show: the inventory DB's decision, else the topics'."""
+    decided = db_orders.get(order_id)
+    if decided is not None:
+        return decided[0]  # RESERVED, REJECTED and CANCELLED are named alike in both
+    if order_id in obs.cancelled:
+        return "CANCELLED"
+    copies = obs.outcomes.get(order_id)
+    if copies:
+        outcome = schema.decode_event(next(iter(copies)))
+        return "RESERVED" if isinstance(outcome, schema.OrderReserved) else "REJECTED"
+    return "PLACED"
+
+
+def check_tracker(
+    report: VerifyReport,
+    obs: Observed,
+    db_orders: Mapping[str, tuple[str, tuple[tuple[str, int], ...]]],
+    tracker: Mapping[str, str],
+) -> None:
+    """Pure tracker checks (order_id -> tracker status), added to ``report``."""
+    report.tracker_checked = True
+    report.tracker_orders = len(tracker)
+    for order_id in obs.valid_orders:
+        status = tracker.get(order_id)
+        if status is None:
+            report.tracker_missing += 1
+            report.violate("tracker_missing", f"order {order_id} is not in the tracker")
+            continue
+        expected = _expected_tracker_status(order_id, obs, db_orders)
+        if status != expected:
+            report.tracker_mismatches += 1
+            report.violate(
+                "tracker_status_mismatch",
+                f"order {order_id}: tracker says {status}, inventory says {expected}",
+            )
+    for order_id in tracker.keys() - obs.valid_orders.keys():
+        report.violate("tracker_unknown_order", f"tracker has order {order_id} not on the topics")
+
+
 def verify(settings: Settings) -> VerifyReport:
     obs = observe(settings)
     store = InventoryStore(settings.inventory_db_path())
@@ -203,4 +259,13 @@ def verify(settings: Settings) -> VerifyReport:
         db_orders = {k: (v.status, v.items) for k, v in store.order_outcomes().items()}
     finally:
         store.close()
-    return check(obs, stock, movements, db_orders)
+    report = check(obs, stock, movements, db_orders)
+    tracker_db = settings.tracker_db_path()
+    if tracker_db.exists():
+        tracker = TrackerStore(tracker_db, readonly=True)
+        try:
+            statuses = tracker.statuses()
+        finally:
+            tracker.close()
+        check_tracker(report, obs, db_orders, statuses)
+    return report

@@ -3,7 +3,14 @@
 Each module registers its commands on the one typer ``app`` in ``common``.
 """
 
-from ordermesh.cli import broker, inventory  # noqa: F401 - registers commands
+from ordermesh.cli import (  # noqa: F401 - registers commands
+    api,
+    bench,
+    broker,
+    dlq,
+    inventory,
+    tracker,
+)
 from ordermesh.cli.common import app
 
 __all__ = ["app"]

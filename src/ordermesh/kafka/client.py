@@ -71,6 +71,9 @@ def consumer_config(settings: Settings, group: str, **overrides: Any) -> ClientC
             # KIP-848 group protocol (Kafka 4): the broker assigns partitions
             # incrementally; no stop-the-world rebalance when an instance joins or leaves
             "group.protocol": "consumer",
+            # range spreads every topic over the members; the default (uniform) may give
+            # one instance all of `orders` and the other only the idle `order-commands`
+            "group.remote.assignor": "range",
             "max.poll.interval.ms": 120_000,
             "fetch.min.bytes": 1,
             "queued.max.messages.kbytes": 262_144,

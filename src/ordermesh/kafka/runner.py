@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from ordermesh.records import InRecord, OutRecord
 log = logging.getLogger(__name__)
 
 DELIVERY_ATTEMPTS = 3
+MAX_IN_FLIGHT = 2
 SUMMARY_EVERY_S = 10.0
 
 
@@ -46,6 +48,10 @@ class RunnerStats:
     last_batch_size: int = 0
     handle_seconds: float = 0.0
     produce_seconds: float = 0.0
+    poll_seconds: float = 0.0
+    # monotonic times of the first batch's start and the last successful commit
+    first_batch_at: float | None = None
+    last_commit_at: float | None = None
     assigned: set[tuple[str, int]] = field(default_factory=set)
 
 
@@ -67,15 +73,37 @@ class _Delivery:
         return on_delivery
 
 
+class _Batch:
+    """A handled batch whose outputs are not all acknowledged yet."""
+
+    __slots__ = ("attempts", "delivery", "offsets")
+
+    def __init__(self, offsets: list[TopicPartition], delivery: _Delivery) -> None:
+        self.offsets = offsets
+        self.delivery = delivery
+        self.attempts = 1
+
+
+def _next_offsets(records: list[InRecord]) -> list[TopicPartition]:
+    """The offsets to commit after ``records``: last offset + 1 per partition."""
+    highest: dict[tuple[str, int], int] = {}
+    for rec in records:
+        key = (rec.topic, rec.partition)
+        if rec.offset >= highest.get(key, -1):
+            highest[key] = rec.offset
+    return [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
+
+
 def to_in_record(msg: Any) -> InRecord:
+    headers = msg.headers()
     return InRecord(
-        topic=msg.topic(),
-        partition=msg.partition(),
-        offset=msg.offset(),
-        key=msg.key(),
-        value=msg.value(),
-        headers=list(msg.headers() or ()),
-        timestamp_ms=msg.timestamp()[1],
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        msg.key(),
+        msg.value(),
+        headers if headers is not None else [],
+        msg.timestamp()[1],
     )
 
 
@@ -92,6 +120,7 @@ class BatchRunner:
         name: str,
         consumer: Consumer | None = None,
         producer: Producer | None = None,
+        pipelined: bool = True,
     ) -> None:
         self.settings = settings
         self.topics = list(topics)
@@ -99,10 +128,12 @@ class BatchRunner:
         self.name = name
         self.max_batch = settings.batch_max
         self.timeout = settings.batch_timeout_s
-        self.consumer = consumer or make_consumer(settings, group)
+        self.consumer = consumer or make_consumer(settings, group, on_commit=self._on_commit)
         self.producer = producer or make_producer(settings)
         self.stats = RunnerStats()
         self._stop = threading.Event()
+        self.pipelined = pipelined
+        self._in_flight: deque[_Batch] = deque()
 
     # --- control ---------------------------------------------------------------------
 
@@ -116,19 +147,25 @@ class BatchRunner:
     # --- rebalance callbacks ---------------------------------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            return  # the incremental protocol reports "nothing new" too
         self.stats.rebalances += 1
         self.stats.assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("%s: assigned %s", self.name, _fmt(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are committed before the next poll, so nothing processed is uncommitted
-        # here: the revoked partitions can go as they are.
+        # finish the in-flight batches and commit them before the partitions move on, so
+        # the next owner does not redo them
+        self._settle(drain=True)
         self.stats.rebalances += 1
         self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
         log.info("%s: revoked %s", self.name, _fmt(partitions))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Lost partitions already belong to someone else: committing would be wrong.
+        # Lost partitions already belong to someone else: committing would be wrong, so
+        # in-flight batches are forgotten (their outputs may still be delivered: the new
+        # owner's redelivery then yields identical copies, which at-least-once allows).
+        self._in_flight.clear()
         self.stats.rebalances += 1
         self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
         log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
@@ -149,13 +186,19 @@ class BatchRunner:
         summary_in = 0
         try:
             while not self._stop.is_set():
+                t0 = time.monotonic()
                 msgs = self.consumer.consume(num_messages=self.max_batch, timeout=self.timeout)
                 now = time.monotonic()
+                if msgs:
+                    self.stats.poll_seconds += now - t0
                 if msgs:
                     records = self._records(msgs)
                     if records:
                         self.process(records)
                         last_data = now
+                elif self._in_flight:
+                    # nothing new: commit what has been acknowledged meanwhile
+                    self._settle(wait=True)
                 elif not self.stats.assigned:
                     last_data = now  # idle time counts only while we own partitions
                 elif idle_exit_s is not None and now - last_data > idle_exit_s:
@@ -192,13 +235,29 @@ class BatchRunner:
         return records
 
     def process(self, records: list[InRecord]) -> None:
-        """Handle one batch, produce its outputs, wait for acks, commit its offsets."""
+        """Handle one batch and produce its outputs; its offsets commit once all are acked.
+
+        Pipelined: while the acks of a batch are outstanding the next batch is handled,
+        and at most ``MAX_IN_FLIGHT`` batches wait. Commits stay in batch order.
+        """
         t0 = time.perf_counter()
+        if self.stats.first_batch_at is None:
+            self.stats.first_batch_at = time.monotonic()
         outs = self.handler.handle(records)
         t1 = time.perf_counter()
-        self._produce_all(outs)
+        offsets = _next_offsets(records)
+        if self.pipelined:
+            delivery = _Delivery()
+            for out in outs:
+                delivery.pending += 1
+                self._produce(out, delivery.callback(out))
+            self.producer.poll(0)
+            self._in_flight.append(_Batch(offsets, delivery))
+            self._settle(wait=len(self._in_flight) > MAX_IN_FLIGHT)
+        else:
+            self._produce_all(outs)
+            self._commit(offsets, asynchronous=False)
         t2 = time.perf_counter()
-        self._commit(records)
         st = self.stats
         st.records_in += len(records)
         st.records_out += len(outs)
@@ -206,6 +265,51 @@ class BatchRunner:
         st.last_batch_size = len(records)
         st.handle_seconds += t1 - t0
         st.produce_seconds += t2 - t1
+
+    def _settle(self, *, wait: bool = False, drain: bool = False) -> None:
+        """Commit the acknowledged batches at the head of the queue, in order.
+
+        ``wait``: block until at least the head batch is done; ``drain``: until all are.
+        """
+        done: list[_Batch] = []
+        self.producer.poll(0)
+        while self._in_flight:
+            head = self._in_flight[0]
+            if head.delivery.pending > 0:
+                if not (wait or drain):
+                    break
+                self.producer.poll(0.005)
+                continue
+            if head.delivery.failed:
+                self._retry(head)
+                continue
+            done.append(self._in_flight.popleft())
+            wait = False
+        if done:
+            merged: dict[tuple[str, int], int] = {}
+            for batch in done:
+                for tp in batch.offsets:
+                    merged[(tp.topic, tp.partition)] = tp.offset
+            offsets = [TopicPartition(t, p, o) for (t, p), o in merged.items()]
+            # the last commit before partitions move or the process ends is synchronous
+            self._commit(offsets, asynchronous=not drain)
+
+    def _retry(self, batch: _Batch) -> None:
+        failed = batch.delivery.failed
+        batch.attempts += 1
+        log.warning(
+            "%s: %d records not acknowledged (attempt %d): %s",
+            self.name, len(failed), batch.attempts - 1, failed[0][1],
+        )  # fmt: skip
+        if batch.attempts > DELIVERY_ATTEMPTS:
+            raise DeliveryError(
+                f"{len(failed)} records not acknowledged after {DELIVERY_ATTEMPTS} tries"
+            )
+        retry = _Delivery()
+        for out, _err in failed:
+            retry.pending += 1
+            self._produce(out, retry.callback(out))
+        batch.delivery = retry
 
     def _produce_all(self, outs: list[OutRecord]) -> None:
         pending = outs
@@ -248,24 +352,28 @@ class BatchRunner:
                 # local queue full: serve delivery reports to make room
                 self.producer.poll(0.05)
 
-    def _commit(self, records: list[InRecord]) -> None:
-        highest: dict[tuple[str, int], int] = {}
-        for rec in records:
-            key = (rec.topic, rec.partition)
-            if rec.offset >= highest.get(key, -1):
-                highest[key] = rec.offset
-        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
+    def _commit(self, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            if asynchronous:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
+            self.stats.last_commit_at = time.monotonic()
         except KafkaException as exc:
             # e.g. the partitions moved during the batch: the new owner gets the batch
             # again and per-order idempotency makes that harmless
             self.stats.commit_failures += 1
             log.warning("%s: commit failed (%s); batch will be redelivered", self.name, exc)
 
+    def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        if err is not None:
+            self.stats.commit_failures += 1
+            log.warning("%s: async commit failed (%s); may be redelivered", self.name, err)
+
     def close(self) -> None:
         try:
+            self._settle(drain=True)
             self.producer.flush(10)
         finally:
             self.consumer.close()

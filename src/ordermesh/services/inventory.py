@@ -131,8 +131,11 @@ class InventoryService:
         dlq_topic: str,
         service_name: str = "inventory",
         clock: Callable[[], float] = time.time,
+        decode_order: Callable[[bytes | None], OrderPlaced] = schema.decode_order,
     ) -> None:
         self.store = store
+        # swappable only so the benchmark can run its stdlib-json baseline
+        self._decode_order = decode_order
         self.orders_topic = orders_topic
         self.commands_topic = commands_topic
         self.events_topic = events_topic
@@ -157,7 +160,7 @@ class InventoryService:
         for record in batch:
             if record.topic == self.orders_topic:
                 try:
-                    order = schema.decode_order(record.value)
+                    order = self._decode_order(record.value)
                 except DecodeError as exc:
                     work.append((record, self._decode_dlq(record, exc)))
                     continue

@@ -1,0 +1,43 @@
+"""Request and response bodies of the HTTP API that are not wire types.
+
+An order request is an ``OrderPlaced`` without the fields the server sets
+(``SERVER_FIELDS``): its rules are those of ``schema.OrderPlaced`` and
+``schema.validate_order``, never restated here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+from msgspec import Meta
+
+from ordermesh import schema
+from ordermesh.stores.tracker import OrderStatus
+
+SERVER_FIELDS: Final = ("order_id", "created_at", "schema_version")
+REQUEST_FIELDS: Final = tuple(
+    name for name in schema.OrderPlaced.__struct_fields__ if name not in SERVER_FIELDS
+)
+MAX_CANCEL_REASON: Final = 500
+
+
+class OrderAccepted(msgspec.Struct, frozen=True):
+    """Kafka acknowledged the order; its decision follows (``GET /orders/{id}?wait=``)."""
+
+    order_id: str
+    status: Literal["PLACED"] = "PLACED"
+
+
+class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Optional body of ``POST /orders/{id}/cancel``."""
+
+    reason: Annotated[str, Meta(max_length=MAX_CANCEL_REASON)] = ""
+
+
+class CancelAccepted(msgspec.Struct, frozen=True):
+    """Kafka acknowledged the ``CancelOrder``; the status turns CANCELLED when applied."""
+
+    order_id: str
+    status: OrderStatus
+    cancel: Literal["REQUESTED"] = "REQUESTED"

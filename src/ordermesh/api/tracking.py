@@ -1,0 +1,123 @@
+"""Read the tracker's store from asyncio, and long-poll for an order's decision.
+
+Every store call runs on a small dedicated thread pool: a lookup takes tens of
+microseconds, but SQLite may wait on its busy timeout (a checkpoint, a slow disk), and
+that must not stall the event loop. Waiters for a decision share one poller: every
+``POLL_INTERVAL_S`` it reads all watched orders in a single trip to the pool, so a
+thousand long-polling clients cost one loop of lookups per tick, not a thousand timers
+and thread hops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, TypeVar
+
+from ordermesh.errors import StoreError
+from ordermesh.stores.tracker import OrderPage, OrderStatus, OrderView, TrackerStore
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S: Final = 0.025
+READ_THREADS: Final = 2
+
+_T = TypeVar("_T")
+
+
+def decided(view: OrderView | None) -> bool:
+    """The inventory has answered: the order exists and has left PLACED."""
+    return view is not None and view.status != "PLACED"
+
+
+class OrderReader:
+    """Async, read-only access to the tracker store."""
+
+    def __init__(self, store: TrackerStore, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        self.store = store
+        self.poll_interval_s = poll_interval_s
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tracker-read")
+        self._waiters: dict[str, list[asyncio.Future[OrderView]]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def get(self, order_id: str) -> OrderView | None:
+        return await self._run(lambda: self.store.get_order(order_id))
+
+    async def list_orders(
+        self,
+        *,
+        status: OrderStatus | None,
+        customer_id: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> OrderPage:
+        return await self._run(
+            lambda: self.store.list_orders(
+                status=status, customer_id=customer_id, limit=limit, cursor=cursor
+            )
+        )
+
+    async def ping(self) -> None:
+        await self._run(self.store.ping)
+
+    async def wait_decided(self, order_id: str, timeout_s: float) -> OrderView | None:
+        """The order once decided, or as it is (maybe None) when ``timeout_s`` ran out."""
+        view = await self.get(order_id)
+        if decided(view) or timeout_s <= 0:
+            return view
+        future: asyncio.Future[OrderView] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(order_id, []).append(future)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="tracker-poller")
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return await self.get(order_id)
+        finally:
+            waiting = self._waiters.get(order_id)
+            if waiting is not None:
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    del self._waiters[order_id]
+
+    def _lookup(self, order_ids: list[str]) -> list[OrderView | None]:
+        return [self.store.get_order(order_id) for order_id in order_ids]
+
+    async def _poll(self) -> None:
+        errors = 0
+        while self._waiters:
+            await asyncio.sleep(self.poll_interval_s)
+            order_ids = list(self._waiters)
+            started = time.monotonic()
+            try:
+                views = await self._run(functools.partial(self._lookup, order_ids))
+            except StoreError as exc:
+                # waiters keep waiting; each reads the store itself when its time is up
+                errors += 1
+                if errors == 1 or errors % 400 == 0:
+                    log.warning("tracker poll failed (%d times): %s", errors, exc)
+                continue
+            errors = 0
+            for order_id, view in zip(order_ids, views, strict=True):
+                if view is None or not decided(view):
+                    continue
+                for future in self._waiters.pop(order_id, []):
+                    if not future.done():
+                        future.set_result(view)
+            spent = time.monotonic() - started
+            if spent > 0.5:
+                log.warning("tracker poll of %d orders took %.2f s", len(order_ids), spent)
+
+    def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.store.close()

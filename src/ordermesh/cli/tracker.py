@@ -1,0 +1,170 @@
+"""`ordermesh tracker ...`: run the order tracker and query order status."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ordermesh.cli.common import DataDir, app, console, err_console, fail, make_settings
+from ordermesh.config import Settings
+from ordermesh.errors import OrderMeshError
+
+tracker_app = typer.Typer(no_args_is_help=True, help="The order tracker and order status.")
+app.add_typer(tracker_app, name="tracker")
+
+DbPath = Annotated[Path | None, typer.Option("--db", help="Tracker database file.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _reader(settings: Settings) -> Any:
+    from ordermesh.stores.tracker import TrackerStore
+
+    path = settings.tracker_db_path()
+    if not path.exists():
+        err_console.print(f"no tracker database at {path} (is `ordermesh tracker run` up?)")
+        raise typer.Exit(code=1)
+    return TrackerStore(path, readonly=True)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+@tracker_app.command("run")
+def tracker_run(
+    db: DbPath = None,
+    data_dir: DataDir = None,
+    idle_exit: Annotated[
+        float | None, typer.Option(help="Exit after this many idle seconds.")
+    ] = None,
+) -> None:
+    """Run the order tracker: follow orders and their events to a queryable status."""
+    from ordermesh.kafka.apps import run_tracker
+
+    settings = make_settings(tracker_db=db, data_dir=data_dir)
+    try:
+        run_tracker(settings, idle_exit_s=idle_exit)
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+
+
+@tracker_app.command("show")
+def tracker_show(
+    order_id: str,
+    db: DbPath = None,
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Status, items, total and history of one order."""
+    store = _reader(make_settings(tracker_db=db, data_dir=data_dir))
+    try:
+        view = store.get_order(order_id)
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+    finally:
+        store.close()
+    if view is None:
+        err_console.print(f"unknown order {order_id}")
+        raise typer.Exit(code=1)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(view)))
+        return
+    console.print(f"[bold]{view.order_id}[/bold]  {view.status}  customer {view.customer_id}")
+    if view.reason or view.detail:
+        console.print(f"reason: {view.reason or '-'}  detail: {view.detail or '-'}")
+    console.print(f"created {_when(view.created_at)}, updated {_when(view.updated_at)}")
+    items = Table(title="items")
+    for col in ("sku", "quantity", "unit price"):
+        items.add_column(col)
+    for item in view.items:
+        items.add_row(item.sku, str(item.quantity), f"{item.unit_price:.2f}")
+    console.print(items)
+    console.print(f"total: {view.total:.2f} {view.currency}")
+    history = Table(title="history")
+    for col in ("at", "event", "status", "detail"):
+        history.add_column(col)
+    for entry in view.history:
+        history.add_row(_when(entry.at), entry.event, entry.status or "", entry.detail)
+    console.print(history)
+
+
+@tracker_app.command("list")
+def tracker_list(
+    status: Annotated[
+        str | None, typer.Option(help="PLACED, RESERVED, REJECTED or CANCELLED.")
+    ] = None,
+    customer: Annotated[str | None, typer.Option(help="Only this customer's orders.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
+    db: DbPath = None,
+    data_dir: DataDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """Orders by order_id, optionally of one status or customer; pages via --cursor."""
+    from ordermesh.stores.tracker import ORDER_STATUSES, OrderStatus
+
+    wanted: OrderStatus | None = None
+    if status is not None:
+        matches = [s for s in ORDER_STATUSES if s == status.upper()]
+        if not matches:
+            raise typer.BadParameter(f"--status must be one of {', '.join(ORDER_STATUSES)}")
+        wanted = matches[0]
+    store = _reader(make_settings(tracker_db=db, data_dir=data_dir))
+    try:
+        page = store.list_orders(
+            status=wanted,
+            customer_id=customer,
+            limit=limit,
+            cursor=cursor,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(page)))
+        return
+    table = Table()
+    for col in ("order_id", "customer", "status", "total", "items", "updated"):
+        table.add_column(col, no_wrap=col in ("order_id", "customer", "status"))
+    for view in page.orders:
+        table.add_row(
+            view.order_id,
+            view.customer_id,
+            view.status,
+            f"{view.total:.2f} {view.currency}",
+            str(len(view.items)),
+            _when(view.updated_at)[:19],
+        )
+    console.print(table)
+    if page.next_cursor:
+        console.print(f"more: --cursor {page.next_cursor}")
+
+
+@tracker_app.command("counts")
+def tracker_counts(db: DbPath = None, data_dir: DataDir = None, as_json: AsJson = False) -> None:
+    """How many orders are in each status."""
+    store = _reader(make_settings(tracker_db=db, data_dir=data_dir))
+    try:
+        counts = store.status_counts()
+        pending = store.pending_count()
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps({"statuses": counts, "pending_events": pending}))
+        return
+    for status, count in counts.items():
+        console.print(f"{status}: {count}")
+    console.print(f"events waiting for their order: {pending}")

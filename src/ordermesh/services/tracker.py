@@ -1,0 +1,458 @@
+"""Order tracker core: follow every order to a queryable status with its history.
+
+``TrackerService.handle(batch)`` reads ``orders`` (OrderPlaced) and ``order-events`` (the
+inventory's decisions and cancellations) and keeps one row per order in a
+``TrackerStore``. It produces nothing but dead letters.
+
+Rules and the choices behind them:
+
+- A malformed ``orders`` record is counted and skipped, not dead-lettered: the inventory
+  service owns the DLQ entry of ``orders`` records, and a second copy from here would
+  break "every bad message is in the DLQ exactly once".
+- An undecodable ``order-events`` record goes to the DLQ (stage ``decode``).
+- Status only moves forward: PLACED < RESERVED | REJECTED < CANCELLED. History holds one
+  row per (order, event type), so a redelivered or late event changes nothing.
+- ``orders`` and ``order-events`` are different topics, so an order's events can be read
+  before the order itself (e.g. a tracker catching up on both). Such events are parked
+  in ``pending`` and applied, decision before cancellation, when the order arrives, in
+  the same batch or a later one.
+- Times are the events' own ``at`` (the order's ``created_at`` for OrderPlaced), not the
+  time the tracker read them; ``placed_at`` alone is the tracker's clock.
+- The whole batch is one ``BEGIN IMMEDIATE`` transaction with set-based reads and
+  ``executemany`` writes; decoding happens before it to keep the write lock short.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Final
+
+from ordermesh import schema
+from ordermesh.errors import DecodeError, StoreError
+from ordermesh.records import InRecord, OutRecord, dead_letter
+from ordermesh.schema import (
+    CancelRejected,
+    OrderCancelled,
+    OrderEvent,
+    OrderPlaced,
+    OrderRejected,
+    OrderReserved,
+    StockReleased,
+)
+from ordermesh.stores.tracker import (
+    EVENT_RANK,
+    HistoryRow,
+    OrderRow,
+    OrderStatus,
+    OrderUpdate,
+    PendingEvent,
+    TrackerStore,
+    encode_items,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_RANK: Final[dict[OrderStatus, int]] = {
+    "PLACED": 0,
+    "RESERVED": 1,
+    "REJECTED": 1,
+    "CANCELLED": 2,
+}
+MAX_DETAIL: Final = 500
+
+
+@dataclass
+class TrackerStats:
+    """Counters since start, updated once per committed batch."""
+
+    batches: int = 0
+    records: int = 0
+    placed: int = 0
+    transitions: int = 0
+    history_only: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    parked: int = 0
+    unparked: int = 0
+    malformed_orders: int = 0
+    dlq: int = 0
+
+    def add(self, other: TrackerStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class _Tracked:
+    """In-batch view of one order: loaded from the store or placed in this batch."""
+
+    __slots__ = (
+        "cancelled_at",
+        "decided_at",
+        "detail",
+        "dirty",
+        "placed",
+        "reason",
+        "seq",
+        "status",
+        "updated_at",
+    )
+
+    def __init__(
+        self,
+        status: OrderStatus,
+        decided_at: float | None,
+        cancelled_at: float | None,
+        reason: str | None,
+        detail: str | None,
+        updated_at: float,
+        seq: int,
+        placed: OrderPlaced | None = None,
+    ) -> None:
+        self.status = status
+        self.decided_at = decided_at
+        self.cancelled_at = cancelled_at
+        self.reason = reason
+        self.detail = detail
+        self.updated_at = updated_at
+        self.seq = seq
+        self.placed = placed  # the order to insert, when placed in this batch
+        self.dirty = False
+
+
+# an event with the raw bytes and source offset it came with (raw bytes for `pending`)
+_Parked = tuple[OrderEvent, bytes, str | None]
+
+
+class _Batch:
+    """Mutable state of one batch inside its transaction."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.orders: dict[str, _Tracked] = {}
+        self.history: set[tuple[str, str]] = set()
+        self.new_history: list[HistoryRow] = []
+        self.new_order_ids: list[str] = []
+        # events of orders not known yet: order_id -> event type -> first copy
+        self.parked: dict[str, dict[str, _Parked]] = {}
+        self.stored_pending: dict[str, list[_Parked]] = {}
+        self.unparked_ids: list[str] = []
+        self.stats = TrackerStats(batches=1)
+
+
+def _history_detail(event: OrderEvent) -> str:
+    if isinstance(event, OrderRejected | CancelRejected):
+        text = f"{event.reason}: {event.detail}"
+    elif isinstance(event, OrderCancelled):
+        text = event.detail
+    elif isinstance(event, StockReleased | OrderReserved):
+        verb = "released" if isinstance(event, StockReleased) else "reserved"
+        text = f"{verb} " + ", ".join(f"{i.sku} x{i.quantity}" for i in event.items)
+    else:  # pragma: no cover - the union is exhausted above
+        text = ""
+    return text[:MAX_DETAIL]
+
+
+def _target(event: OrderEvent) -> OrderStatus | None:
+    if isinstance(event, OrderReserved):
+        return "RESERVED"
+    if isinstance(event, OrderRejected):
+        return "REJECTED"
+    if isinstance(event, OrderCancelled):
+        return "CANCELLED"
+    return None  # StockReleased, CancelRejected: history only
+
+
+def _parked_order(parked: _Parked) -> tuple[int, float]:
+    event = parked[0]
+    return EVENT_RANK.get(type(event).__name__, 9), event.at
+
+
+class TrackerService:
+    """Pure tracker logic over a ``TrackerStore``; no Kafka inside."""
+
+    def __init__(
+        self,
+        store: TrackerStore,
+        *,
+        orders_topic: str,
+        events_topic: str,
+        dlq_topic: str,
+        service_name: str = "tracker",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.orders_topic = orders_topic
+        self.events_topic = events_topic
+        self.dlq_topic = dlq_topic
+        self.service_name = service_name
+        self._clock = clock
+        self.stats = TrackerStats()
+
+    def handle(self, batch: Sequence[InRecord]) -> list[OutRecord]:
+        """Apply a batch in one transaction; the dead letters to produce.
+
+        Never raises because of input; a ``StoreError`` means nothing was committed and
+        the batch must be redelivered (do not commit its offsets).
+        """
+        if not batch:
+            return []
+        started = time.perf_counter()
+        out: list[OutRecord] = []
+        stats = TrackerStats(batches=1, records=len(batch))
+        work: list[tuple[InRecord, OrderPlaced | OrderEvent]] = []
+        order_ids: set[str] = set()
+        placed_ids: set[str] = set()
+        first_dlq: str | None = None
+        first_malformed: str | None = None
+        orders_topic = self.orders_topic
+        events_topic = self.events_topic
+        # decode outside the transaction: CPU only, keeps the cross-process lock short
+        for record in batch:
+            if record.topic == orders_topic:
+                try:
+                    order = schema.decode_order(record.value)
+                except DecodeError as exc:
+                    # the inventory service dead-letters it; one DLQ copy, not two
+                    stats.malformed_orders += 1
+                    first_malformed = first_malformed or f"{record.where()}: {exc}"
+                    continue
+                order_ids.add(order.order_id)
+                placed_ids.add(order.order_id)
+                work.append((record, order))
+            elif record.topic == events_topic:
+                try:
+                    event = schema.decode_event(record.value)
+                except DecodeError as exc:
+                    out.append(self._dlq(record, "decode", f"DecodeError.{exc.kind}", str(exc)))
+                    stats.dlq += 1
+                    first_dlq = first_dlq or f"{record.where()}: {exc}"
+                    continue
+                order_ids.add(event.order_id)
+                work.append((record, event))
+            else:
+                message = f"tracker does not consume {record.topic!r}"
+                out.append(self._dlq(record, "route", "UnexpectedTopic", message))
+                stats.dlq += 1
+                first_dlq = first_dlq or f"{record.where()}: {message}"
+
+        state = _Batch(self._clock())
+        state.stats = stats
+        # a batch of nothing but bad input must not wait for the database's write lock
+        with self.store.transaction() if work else nullcontext():
+            self._load(state, order_ids, placed_ids)
+            for record, task in work:
+                try:
+                    if isinstance(task, OrderPlaced):
+                        self._place(state, task)
+                    else:
+                        self._event(state, task, record.value or b"", record.where())
+                except StoreError:
+                    raise
+                except Exception as exc:  # a bug on one record must not stop the consumer
+                    logger.exception("tracker: unexpected error on %s", record.where())
+                    out.append(
+                        self._dlq(record, "process", type(exc).__name__, f"unexpected: {exc!r}")
+                    )
+                    stats.dlq += 1
+                    first_dlq = first_dlq or f"{record.where()}: {exc!r}"
+            self._write(state)
+
+        self.stats.add(stats)
+        logger.debug(
+            "tracker batch: %d records in %.1f ms: placed %d, transitions %d, history-only %d,"
+            " duplicates %d, stale %d, parked %d, unparked %d, malformed orders %d, dlq %d",
+            len(batch),
+            (time.perf_counter() - started) * 1000,
+            stats.placed,
+            stats.transitions,
+            stats.history_only,
+            stats.duplicates,
+            stats.stale,
+            stats.parked,
+            stats.unparked,
+            stats.malformed_orders,
+            stats.dlq,
+        )
+        if stats.malformed_orders:
+            # expected under a malformed load and dead-lettered by inventory: debug only
+            logger.debug(
+                "tracker batch: %d malformed orders skipped; first: %s",
+                stats.malformed_orders,
+                first_malformed,
+            )
+        if stats.dlq:
+            logger.warning(
+                "tracker batch: %d records dead-lettered; first: %s", stats.dlq, first_dlq
+            )
+        return out
+
+    # --- load and write -----------------------------------------------------------------
+
+    def _load(self, state: _Batch, order_ids: set[str], placed_ids: set[str]) -> None:
+        store = self.store
+        known = store.load_orders(order_ids)
+        for order_id, row in known.items():
+            state.orders[order_id] = _Tracked(*row)
+        # only known orders have history; new ones start with none (pending is apart)
+        state.history = store.load_history_keys(known.keys())
+        for pending in store.load_pending(placed_ids - known.keys()):
+            try:
+                event = schema.decode_event(pending.payload)
+            except DecodeError:
+                # stored only after decoding; a row that no longer decodes is dropped
+                logger.error(
+                    "tracker: pending %s of order %s does not decode; dropped",
+                    pending.event,
+                    pending.order_id,
+                )
+                continue
+            parked = (event, pending.payload, pending.source)
+            state.stored_pending.setdefault(pending.order_id, []).append(parked)
+
+    def _write(self, state: _Batch) -> None:
+        store = self.store
+        inserts: list[OrderRow] = []
+        updates: list[OrderUpdate] = []
+        for order_id, tracked in state.orders.items():
+            order = tracked.placed
+            if order is not None:
+                inserts.append(
+                    OrderRow(
+                        order_id,
+                        order.customer_id,
+                        tracked.status,
+                        encode_items((i.sku, i.quantity, i.unit_price) for i in order.items),
+                        order.total,
+                        order.currency,
+                        order.created_at,
+                        state.now,
+                        tracked.decided_at,
+                        tracked.cancelled_at,
+                        tracked.reason,
+                        tracked.detail,
+                        tracked.updated_at,
+                        tracked.seq,
+                    )
+                )
+            elif tracked.dirty:
+                updates.append(
+                    OrderUpdate(
+                        order_id,
+                        tracked.status,
+                        tracked.decided_at,
+                        tracked.cancelled_at,
+                        tracked.reason,
+                        tracked.detail,
+                        tracked.updated_at,
+                        tracked.seq,
+                    )
+                )
+        store.insert_orders(inserts)
+        store.update_orders(updates)
+        store.insert_history(state.new_history)
+        store.insert_pending(
+            PendingEvent(order_id, name, raw, source)
+            for order_id, events in state.parked.items()
+            for name, (_event, raw, source) in events.items()
+        )
+        store.delete_pending(state.unparked_ids)
+
+    # --- orders and events --------------------------------------------------------------
+
+    def _place(self, state: _Batch, order: OrderPlaced) -> None:
+        order_id = order.order_id
+        if order_id in state.orders:
+            state.stats.duplicates += 1  # redelivery: the first copy stands
+            return
+        tracked = _Tracked("PLACED", None, None, None, None, order.created_at, 1, placed=order)
+        state.orders[order_id] = tracked
+        state.history.add((order_id, "OrderPlaced"))
+        state.new_history.append(
+            HistoryRow(order_id, "OrderPlaced", "PLACED", order.created_at, "", None)
+        )
+        state.stats.placed += 1
+
+        waiting = state.stored_pending.pop(order_id, [])
+        if waiting:
+            state.unparked_ids.append(order_id)
+        waiting += state.parked.pop(order_id, {}).values()
+        # decision before release before cancellation, whatever order they came in
+        waiting.sort(key=_parked_order)
+        for event, _raw, source in waiting:
+            state.stats.unparked += 1
+            self._apply(state, tracked, event, source)
+
+    def _event(self, state: _Batch, event: OrderEvent, raw: bytes, source: str) -> None:
+        tracked = state.orders.get(event.order_id)
+        if tracked is None:
+            # the OrderPlaced has not been read yet: keep the first copy until it is
+            events = state.parked.setdefault(event.order_id, {})
+            name = type(event).__name__
+            if name in events:
+                state.stats.duplicates += 1
+            else:
+                events[name] = (event, raw, source)
+                state.stats.parked += 1
+            return
+        self._apply(state, tracked, event, source)
+
+    def _apply(
+        self, state: _Batch, tracked: _Tracked, event: OrderEvent, source: str | None
+    ) -> None:
+        order_id = event.order_id
+        name = type(event).__name__
+        key = (order_id, name)
+        if key in state.history:
+            state.stats.duplicates += 1
+            return
+        state.history.add(key)
+        target = _target(event)
+        at = event.at
+        state.new_history.append(
+            HistoryRow(order_id, name, target, at, _history_detail(event), source)
+        )
+        tracked.seq += 1
+        tracked.dirty = True
+        if isinstance(event, OrderReserved | OrderRejected) and tracked.decided_at is None:
+            tracked.decided_at = at
+        if target is None:
+            state.stats.history_only += 1
+            return
+        current = tracked.status
+        if STATUS_RANK[target] <= STATUS_RANK[current]:
+            state.stats.stale += 1
+            if target != current and STATUS_RANK[target] == STATUS_RANK[current]:
+                logger.warning(
+                    "tracker: order %s is %s but %s arrived (%s); status kept",
+                    order_id,
+                    current,
+                    name,
+                    source,
+                )
+            return
+        tracked.status = target
+        tracked.updated_at = max(tracked.updated_at, at)
+        if isinstance(event, OrderRejected):
+            tracked.reason = event.reason
+            tracked.detail = event.detail
+        elif isinstance(event, OrderCancelled):
+            tracked.cancelled_at = at
+            if event.detail:
+                tracked.detail = event.detail
+        state.stats.transitions += 1
+
+    # --- dead letters -------------------------------------------------------------------
+
+    def _dlq(self, record: InRecord, stage: str, error_class: str, message: str) -> OutRecord:
+        return dead_letter(
+            record,
+            dlq_topic=self.dlq_topic,
+            service=self.service_name,
+            stage=stage,
+            error_class=error_class,
+            message=message,
+        )

@@ -1,0 +1,161 @@
+"""The order tracker on the real broker, beside the inventory service: statuses agree."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from ordermesh import schema
+from ordermesh.config import Settings
+from ordermesh.kafka.apps import inventory_runner, tracker_runner
+from ordermesh.kafka.client import make_producer
+from ordermesh.kafka.lag import group_lag
+from ordermesh.kafka.reader import read_topic
+from ordermesh.kafka.runner import BatchRunner
+from ordermesh.loadgen import run_load
+from ordermesh.records import ERROR_HEADER_PREFIX, header
+from ordermesh.services.tracker import TrackerService
+from ordermesh.stores.inventory import InventoryStore
+from ordermesh.stores.tracker import TrackerStore
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
+from ordermesh.verify import verify
+from tests.conftest import ServiceProcess, wait_for
+from tests.integration.test_inventory_pipeline import seed
+
+CANCELS = 25
+
+
+def _lag(settings: Settings, group: str, topics: list[str]) -> int:
+    return sum(group_lag(settings, group, [settings.topic(t) for t in topics]).values())
+
+
+def both_drained(settings: Settings) -> bool:
+    # inventory first: once it has drained, every event it will produce is on the topic
+    return (
+        _lag(settings, "inventory", [ORDERS, COMMANDS]) == 0
+        and _lag(settings, "tracker", [ORDERS, EVENTS]) == 0
+    )
+
+
+def send_cancels(settings: Settings, order_ids: list[str]) -> None:
+    producer = make_producer(settings)
+    topic = settings.topic(COMMANDS)
+    for order_id in order_ids:
+        command = schema.CancelOrder(order_id=order_id, requested_at=schema.now(), reason="test")
+        producer.produce(topic, schema.encode(command), order_id.encode())
+    assert producer.flush(30) == 0
+
+
+def test_tracker_agrees_with_inventory_including_cancellations(
+    settings: Settings, service_factory: Callable[..., ServiceProcess]
+) -> None:
+    # scarce stock and a few unknown SKUs: all three outcomes occur
+    seed(settings, skus=200, stock=40)
+    inventory = service_factory(["inventory", "run"], settings, "inventory")
+    tracker = service_factory(["tracker", "run"], settings, "tracker")
+    summary = run_load(
+        settings, count=3_000, duration=None, rate=None, malformed_ratio=0.04, seed=5, skus=210
+    )
+    assert summary.failed == 0 and summary.malformed_sent > 50
+    wait_for(lambda: _lag(settings, "inventory", [ORDERS]) == 0, 60, "inventory to decide")
+
+    with InventoryStore(settings.inventory_db_path()) as inv:
+        decided = inv.order_outcomes()
+        stock_before = {row.sku: row for row in inv.stock()}
+    to_cancel = sorted(oid for oid, o in decided.items() if o.status == "RESERVED")[:CANCELS]
+    a_rejected = min(oid for oid, o in decided.items() if o.status == "REJECTED")
+    assert len(to_cancel) == CANCELS
+    # one cancel sent twice: its stock must still come back once
+    send_cancels(settings, [*to_cancel, to_cancel[0], a_rejected])
+    wait_for(lambda: both_drained(settings), 60, "inventory and tracker to drain")
+    assert inventory.stop() == 0, inventory.log_text()[-3000:]
+    assert tracker.stop() == 0, tracker.log_text()[-3000:]
+
+    report = verify(settings)
+    assert report.ok, report.violations
+    assert report.tracker_checked
+    assert report.tracker_orders == report.valid_orders == 3_000 - summary.malformed_sent
+    assert report.tracker_missing == report.tracker_mismatches == 0
+
+    with InventoryStore(settings.inventory_db_path()) as inv:
+        final = inv.order_outcomes()
+        stock_after = {row.sku: row for row in inv.stock()}
+    with TrackerStore(settings.tracker_db_path(), readonly=True) as store:
+        statuses = store.statuses()
+        counts = store.status_counts()
+        assert store.pending_count() == 0
+        cancelled_view = store.get_order(to_cancel[0])
+        rejected_view = store.get_order(a_rejected)
+
+    assert statuses == {oid: o.status for oid, o in final.items()}
+    assert {oid for oid, s in statuses.items() if s == "CANCELLED"} == set(to_cancel)
+    expected = Counter(o.status for o in final.values())
+    assert counts == {s: expected[s] for s in ("PLACED", "RESERVED", "REJECTED", "CANCELLED")}
+    assert counts["CANCELLED"] == CANCELS
+    assert counts["RESERVED"] > 0 and counts["REJECTED"] > 0
+    assert cancelled_view is not None
+    assert [h.event for h in cancelled_view.history] == [
+        "OrderPlaced",
+        "OrderReserved",
+        "StockReleased",
+        "OrderCancelled",
+    ]
+    assert cancelled_view.updated_at >= cancelled_view.created_at
+    assert rejected_view is not None and rejected_view.status == "REJECTED"
+    assert rejected_view.history[-1].event == "CancelRejected"
+
+    # the cancelled orders' stock came back exactly once, nothing else moved
+    released: Counter[str] = Counter()
+    for order_id in to_cancel:
+        for sku, quantity in decided[order_id].items:
+            released[sku] += quantity
+    for sku, before in stock_before.items():
+        after = stock_after[sku]
+        assert after.reserved == before.reserved - released[sku], sku
+        assert after.available == before.available + released[sku], sku
+        assert after.available + after.reserved == 40, sku
+
+    # malformed orders are in the DLQ once, from the inventory; the tracker added none
+    dlq = list(read_topic(settings, settings.topic(DLQ)))
+    services = Counter(header(r.headers, ERROR_HEADER_PREFIX + "service") for r in dlq)
+    assert services == {b"inventory": summary.malformed_sent}
+
+
+def test_events_read_before_their_orders_wait_in_pending(settings: Settings) -> None:
+    seed(settings, skus=100, stock=30)
+    summary = run_load(
+        settings, count=2_000, duration=None, rate=None, malformed_ratio=0.02, seed=9, skus=105
+    )
+    valid = 2_000 - summary.malformed_sent
+    with InventoryStore(settings.inventory_db_path()) as inv:
+        inventory_runner(settings, inv).run(idle_exit_s=2.0)
+    assert _lag(settings, "inventory", [ORDERS, COMMANDS]) == 0
+
+    with TrackerStore(settings.tracker_db_path()) as store:
+        # the tracker group reads order-events alone first: the worst case of a tracker
+        # catching up on both topics, made deterministic
+        early = TrackerService(
+            store,
+            orders_topic=settings.topic(ORDERS),
+            events_topic=settings.topic(EVENTS),
+            dlq_topic=settings.topic(DLQ),
+        )
+        BatchRunner(
+            settings, group="tracker", topics=[settings.topic(EVENTS)], handler=early, name="t0"
+        ).run(idle_exit_s=2.0)
+        assert store.statuses() == {}
+        assert store.pending_count() == early.stats.parked == valid
+
+        runner = tracker_runner(settings, store)
+        runner.run(idle_exit_s=2.0)
+        assert store.pending_count() == 0
+        counts = store.status_counts()
+    assert _lag(settings, "tracker", [ORDERS, EVENTS]) == 0
+
+    stats = runner.handler.stats  # type: ignore[attr-defined]
+    assert stats.placed == stats.unparked == valid
+    assert stats.malformed_orders == summary.malformed_sent and stats.dlq == 0
+    assert counts["PLACED"] == 0 and sum(counts.values()) == valid
+    report = verify(settings)
+    assert report.ok, report.violations
+    assert report.tracker_orders == report.valid_orders == valid
