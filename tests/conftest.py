@@ -131,12 +131,7 @@ class ServiceProcess:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ORDERMESH_* environment that reproduces ``settings`` in a child process."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        env[f"ORDERMESH_{name.upper()}"] = str(value)
-    return env
+    return settings.as_env()
 
 
 @pytest.fixture

@@ -49,11 +49,25 @@ class Settings(BaseSettings):
     batch_max: int = 5000
     batch_timeout_s: float = 0.05
     dlq_max_replays: int = 3
+    # Prometheus /metrics of a service process; None: not served, 0: any free port
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     # HTTP API: its own small DB (idempotency keys); comma-separated keys that POST
     # endpoints require when set
     api_db: Path | None = None
     api_keys: SecretStr | None = None
+
+    def as_env(self) -> dict[str, str]:
+        """The ``ORDERMESH_*`` environment that rebuilds these settings in a child process."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"ORDERMESH_{name.upper()}"] = str(value)
+        return env
 
     def kafka_jar_dir(self) -> Path:
         """Where the Kafka jars of ``kafka_version`` are cached."""

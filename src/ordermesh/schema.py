@@ -11,8 +11,8 @@ decode``).
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import time
 from typing import Annotated, Final, Literal, TypeVar
 

@@ -9,6 +9,7 @@ from ordermesh.cli import (  # noqa: F401 - registers commands
     broker,
     dlq,
     inventory,
+    mesh,
     tracker,
 )
 from ordermesh.cli.common import app

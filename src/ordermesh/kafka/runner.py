@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,12 +22,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from ordermesh.config import Settings
 from ordermesh.errors import DeliveryError
 from ordermesh.kafka.client import make_consumer, make_producer
+from ordermesh.kafka.metrics import RunnerMetrics, sample_lag
 from ordermesh.records import InRecord, OutRecord
+from ordermesh.topics import DLQ
 
 log = logging.getLogger(__name__)
 
 DELIVERY_ATTEMPTS = 3
 MAX_IN_FLIGHT = 2
+LAG_SAMPLE_EVERY_S = 2.0
 SUMMARY_EVERY_S = 10.0
 
 
@@ -134,6 +137,8 @@ class BatchRunner:
         self._stop = threading.Event()
         self.pipelined = pipelined
         self._in_flight: deque[_Batch] = deque()
+        self.metrics = RunnerMetrics(name, settings.group(group))
+        self._dlq_topic = settings.topic(DLQ)
 
     # --- control ---------------------------------------------------------------------
 
@@ -150,6 +155,7 @@ class BatchRunner:
         if not partitions:
             return  # the incremental protocol reports "nothing new" too
         self.stats.rebalances += 1
+        self.metrics.rebalances.labels(self.name).inc()
         self.stats.assigned |= {(p.topic, p.partition) for p in partitions}
         log.info("%s: assigned %s", self.name, _fmt(partitions))
 
@@ -158,6 +164,7 @@ class BatchRunner:
         # the next owner does not redo them
         self._settle(drain=True)
         self.stats.rebalances += 1
+        self.metrics.rebalances.labels(self.name).inc()
         self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
         log.info("%s: revoked %s", self.name, _fmt(partitions))
 
@@ -167,6 +174,7 @@ class BatchRunner:
         # owner's redelivery then yields identical copies, which at-least-once allows).
         self._in_flight.clear()
         self.stats.rebalances += 1
+        self.metrics.rebalances.labels(self.name).inc()
         self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
         log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
 
@@ -181,7 +189,10 @@ class BatchRunner:
             on_lost=self._on_lost,
         )
         log.info("%s: consuming %s", self.name, ", ".join(self.topics))
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
         last_summary = time.monotonic()
+        last_lag = 0.0
         last_data = time.monotonic()
         summary_in = 0
         try:
@@ -203,6 +214,9 @@ class BatchRunner:
                     last_data = now  # idle time counts only while we own partitions
                 elif idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
+                if now - last_lag >= LAG_SAMPLE_EVERY_S:
+                    self.metrics.lag = sample_lag(self.consumer, self.stats.assigned)
+                    last_lag = now
                 if now - last_summary >= SUMMARY_EVERY_S:
                     rate = (self.stats.records_in - summary_in) / (now - last_summary)
                     log.info(
@@ -258,6 +272,13 @@ class BatchRunner:
             self._produce_all(outs)
             self._commit(offsets, asynchronous=False)
         t2 = time.perf_counter()
+        self.metrics.observe_batch(
+            Counter(r.topic for r in records),
+            Counter(o.topic for o in outs),
+            self._dlq_topic,
+            t1 - t0,
+            t2 - t1,
+        )
         st = self.stats
         st.records_in += len(records)
         st.records_out += len(outs)
@@ -299,8 +320,11 @@ class BatchRunner:
         batch.attempts += 1
         log.warning(
             "%s: %d records not acknowledged (attempt %d): %s",
-            self.name, len(failed), batch.attempts - 1, failed[0][1],
-        )  # fmt: skip
+            self.name,
+            len(failed),
+            batch.attempts - 1,
+            failed[0][1],
+        )
         if batch.attempts > DELIVERY_ATTEMPTS:
             raise DeliveryError(
                 f"{len(failed)} records not acknowledged after {DELIVERY_ATTEMPTS} tries"
@@ -359,16 +383,19 @@ class BatchRunner:
             else:
                 self.consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
+            self.metrics.commits.labels(self.name).inc()
             self.stats.last_commit_at = time.monotonic()
         except KafkaException as exc:
             # e.g. the partitions moved during the batch: the new owner gets the batch
             # again and per-order idempotency makes that harmless
             self.stats.commit_failures += 1
+            self.metrics.commit_failures.labels(self.name).inc()
             log.warning("%s: commit failed (%s); batch will be redelivered", self.name, exc)
 
     def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
         if err is not None:
             self.stats.commit_failures += 1
+            self.metrics.commit_failures.labels(self.name).inc()
             log.warning("%s: async commit failed (%s); may be redelivered", self.name, err)
 
     def close(self) -> None:
@@ -377,6 +404,7 @@ class BatchRunner:
             self.producer.flush(10)
         finally:
             self.consumer.close()
+            self.metrics.stop()
         log.info(
             "%s: stopped after %d records in, %d out, %d batches",
             self.name,

@@ -1,0 +1,361 @@
+"""The whole mesh on one machine: broker, topics, stock, every service and a load.
+
+Used by ``ordermesh up`` (run until Ctrl-C or a duration, then verify), ``ordermesh
+simulate`` (the failure scenario) and ``ordermesh top`` (the live numbers alone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from ordermesh.config import Settings
+from ordermesh.errors import ConfigError
+from ordermesh.kafka.client import make_admin
+from ordermesh.kafka.lag import group_lag
+from ordermesh.kafka.reader import end_offsets
+from ordermesh.loadgen import sku_name
+from ordermesh.stores.inventory import InventoryStore
+from ordermesh.supervisor import Supervisor
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS, ensure_topics
+
+log = logging.getLogger(__name__)
+
+SCALABLE = ("inventory", "tracker")
+GROUP_TOPICS: dict[str, tuple[str, ...]] = {
+    "inventory": (ORDERS, COMMANDS),
+    "tracker": (ORDERS, EVENTS),
+    "analytics": (ORDERS, EVENTS, DLQ),
+    "dlq-logger": (DLQ,),
+}
+
+
+def parse_instances(text: str | None) -> dict[str, int]:
+    """``inventory=2,tracker=1`` -> {"inventory": 2, "tracker": 1} (defaults: 1 each)."""
+    counts = {name: 1 for name in SCALABLE}
+    if not text:
+        return counts
+    for part in text.split(","):
+        name, _, value = part.strip().partition("=")
+        if name not in SCALABLE:
+            raise ConfigError(f"--instances: unknown service {name!r} (scalable: {SCALABLE})")
+        try:
+            counts[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--instances: {part!r} is not name=N") from None
+        if not 1 <= counts[name] <= 6:
+            raise ConfigError(f"--instances: {name} must be 1..6 (topics have 6 partitions)")
+    return counts
+
+
+def port_or_free(preferred: int) -> int:
+    """``preferred`` if it is free on loopback, else (or for 0) any free port."""
+    with socket.socket() as s:
+        try:
+            if preferred == 0:
+                raise OSError("any port")
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class MeshPlan:
+    instances: dict[str, int] = field(default_factory=lambda: parse_instances(None))
+    skus: int = 1000
+    stock: int = 100_000
+    api_port: int = 8080
+    analytics_port: int = 8090
+
+
+class Mesh:
+    """Brings the mesh up and down; reports its numbers."""
+
+    def __init__(self, settings: Settings, plan: MeshPlan) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.supervisor = Supervisor(settings)
+        self.started_broker = False
+        self.cluster: Any = None
+        self.api_url = ""
+        self.dashboard_url = ""
+        self.load_seed = int(time.time())
+
+    # --- bring up ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Broker (unless configured), topics, stock, and every service."""
+        settings = self.settings
+        if not settings.bootstrap_servers:
+            from ordermesh.broker.jars import ensure_jars
+            from ordermesh.broker.local import LocalCluster
+
+            jar_dir = ensure_jars(settings.kafka_jar_dir(), settings.kafka_version)
+            self.cluster = LocalCluster(
+                settings.broker_dir(), jar_dir, heap_mb=settings.broker_heap_mb
+            )
+            state, self.started_broker = self.cluster.up(nodes=1, port=settings.broker_port)
+            # children must find this exact cluster whatever its ports
+            self.settings = settings = settings.model_copy(
+                update={"bootstrap_servers": state.bootstrap_servers}
+            )
+            self.supervisor.settings = settings
+        ensure_topics(make_admin(settings), settings)
+        store = InventoryStore(settings.inventory_db_path())
+        try:
+            store.seed({sku_name(i): self.plan.stock for i in range(1, self.plan.skus + 1)})
+        finally:
+            store.close()
+
+        api_port = port_or_free(self.plan.api_port)
+        analytics_port = port_or_free(self.plan.analytics_port)
+        self.api_url = f"http://127.0.0.1:{api_port}"
+        self.dashboard_url = f"http://127.0.0.1:{analytics_port}/"
+        sup = self.supervisor
+        for name in SCALABLE:
+            for i in range(1, self.plan.instances[name] + 1):
+                self._add(f"{name}-{i}", [name, "run"])
+        self._add("dlq-logger", ["dlq", "run"])
+        sup.add("analytics", ["analytics", "run", "--port", str(analytics_port)])
+        sup.add("api", ["api", "--port", str(api_port)])
+        for name in sup.services:
+            sup.start(name)
+        self.write_state()
+
+    def _add(self, name: str, args: list[str]) -> None:
+        # every runner serves Prometheus metrics on a port of its own
+        port = port_or_free(0)
+        self.supervisor.add(name, args, env={"ORDERMESH_METRICS_PORT": str(port)})
+
+    def start_load(
+        self,
+        *,
+        rate: float | None,
+        duration: float | None,
+        count: int | None = None,
+        malformed_ratio: float = 0.01,
+    ) -> None:
+        args = [
+            "load",
+            "--malformed-ratio",
+            str(malformed_ratio),
+            "--seed",
+            str(self.load_seed),
+            "--skus",
+            str(self.plan.skus),
+        ]
+        args += ["--rate", str(rate)] if rate else ["--max"]
+        if duration is not None:
+            args += ["--duration", str(duration)]
+        if count is not None:
+            args += ["--count", str(count)]
+        self.supervisor.add("load", args, restart=False)
+        self.supervisor.start("load")
+        self.write_state()
+
+    def load_running(self) -> bool:
+        load = self.supervisor.services.get("load")
+        return load is not None and load.running()
+
+    def write_state(self) -> None:
+        self.supervisor.write_state(
+            {
+                "bootstrap_servers": self.settings.bootstrap_servers,
+                "topic_prefix": self.settings.topic_prefix,
+                "api_url": self.api_url,
+                "dashboard_url": self.dashboard_url,
+            }
+        )
+
+    # --- numbers -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return mesh_status(self.settings, self.dashboard_url, self.supervisor)
+
+    def drained(self) -> bool:
+        lags = {
+            g: sum(group_lag(self.settings, g, [self.settings.topic(t) for t in topics]).values())
+            for g, topics in GROUP_TOPICS.items()
+            if g in ("inventory", "tracker")
+        }
+        return all(v == 0 for v in lags.values())
+
+    def wait_drained(self, timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            self.supervisor.check()
+            if self.drained():
+                return True
+            time.sleep(0.5)
+        return False
+
+    # --- bring down ------------------------------------------------------------------------
+
+    def stop(self, *, stop_broker: bool = True) -> dict[str, int | None]:
+        # producers first, so consumers can finish what was accepted
+        codes = self.supervisor.stop_all(order=["load", "api"])
+        if stop_broker and self.started_broker and self.cluster is not None:
+            self.cluster.down()
+        return codes
+
+
+def fetch_json(url: str, timeout: float = 0.8) -> Any:
+    """GET ``url`` as JSON, or None when it does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def mesh_status(
+    settings: Settings, dashboard_url: str, supervisor: Supervisor | None = None
+) -> dict[str, Any]:
+    """Topic ends, group lag, the analytics snapshot and the services' state."""
+    topics = {
+        name: sum(high for _low, high in end_offsets(settings, settings.topic(name)).values())
+        for name in (ORDERS, EVENTS, DLQ, COMMANDS)
+    }
+    lag = {}
+    for group, group_topics in GROUP_TOPICS.items():
+        per_partition = group_lag(settings, group, [settings.topic(t) for t in group_topics])
+        lag[group] = sum(per_partition.values())
+    snapshot = fetch_json(dashboard_url.rstrip("/") + "/snapshot") if dashboard_url else None
+    services = {}
+    if supervisor is not None:
+        services = {
+            s.name: {"pid": s.pid, "running": s.running(), "restarts": s.restarts}
+            for s in supervisor.services.values()
+        }
+    return {
+        "at": time.time(),
+        "topics": topics,
+        "lag": lag,
+        "analytics": snapshot,
+        "services": services,
+    }
+
+
+@dataclass
+class SimulationReport:
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    accepted_during_outage: int = 0
+    lag_at_outage_start: int = 0
+    lag_peak: int = 0
+    drain_seconds: float | None = None
+    dlq_entries: int = 0
+    verify: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            bool(self.verify.get("ok"))
+            and self.accepted_during_outage > 0
+            and self.lag_peak > self.lag_at_outage_start
+            and self.drain_seconds is not None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "accepted_during_outage": self.accepted_during_outage,
+            "lag_at_outage_start": self.lag_at_outage_start,
+            "lag_peak": self.lag_peak,
+            "drain_seconds": self.drain_seconds,
+            "dlq_entries": self.dlq_entries,
+            "phases": self.phases,
+            "verify": self.verify,
+        }
+
+
+def simulate(
+    mesh: Mesh,
+    *,
+    rate: float,
+    duration: float,
+    outage_s: float,
+    warmup_s: float = 5.0,
+    on_phase: Any = None,
+    drain_timeout_s: float = 180.0,
+) -> SimulationReport:
+    """Crash the inventory under load, restart it, and verify nothing was lost."""
+    from ordermesh.verify import verify
+
+    report = SimulationReport()
+
+    def phase(name: str, **numbers: Any) -> None:
+        entry = {"phase": name, "t": round(time.monotonic() - t0, 1), **numbers}
+        report.phases.append(entry)
+        if on_phase is not None:
+            on_phase(entry)
+
+    def inventory_lag() -> int:
+        topics = [mesh.settings.topic(t) for t in GROUP_TOPICS["inventory"]]
+        return sum(group_lag(mesh.settings, "inventory", topics).values())
+
+    def placed() -> int:
+        ends = end_offsets(mesh.settings, mesh.settings.topic(ORDERS))
+        return sum(high for _low, high in ends.values())
+
+    t0 = time.monotonic()
+    mesh.start()
+    phase("mesh up", services=len(mesh.supervisor.services), dashboard=mesh.dashboard_url)
+    mesh.start_load(rate=rate, duration=duration)
+    _wait(mesh, warmup_s)
+    phase("load running", placed=placed(), inventory_lag=inventory_lag())
+
+    inventories = [n for n in mesh.supervisor.services if n.startswith("inventory-")]
+    for name in inventories:
+        mesh.supervisor.stop(name, sig=9)  # SIGKILL: a crash, not a clean stop
+    before = placed()
+    report.lag_at_outage_start = inventory_lag()
+    phase(
+        "inventory killed (SIGKILL)",
+        instances=len(inventories),
+        inventory_lag=report.lag_at_outage_start,
+    )
+    end = time.monotonic() + outage_s
+    while time.monotonic() < end:
+        _wait(mesh, min(2.0, max(0.0, end - time.monotonic())))
+        lag = inventory_lag()
+        report.lag_peak = max(report.lag_peak, lag)
+        phase("outage", placed=placed(), inventory_lag=lag)
+    report.accepted_during_outage = placed() - before
+
+    for name in inventories:
+        mesh.supervisor.start(name)
+    restarted_at = time.monotonic()
+    phase("inventory restarted", instances=len(inventories))
+    while mesh.load_running() and time.monotonic() - restarted_at < drain_timeout_s:
+        _wait(mesh, 2.0)
+        phase("recovering", placed=placed(), inventory_lag=inventory_lag())
+    if mesh.wait_drained(drain_timeout_s):
+        report.drain_seconds = round(time.monotonic() - restarted_at, 1)
+    phase(
+        "drained" if report.drain_seconds is not None else "NOT drained",
+        inventory_lag=inventory_lag(),
+    )
+    report.dlq_entries = sum(
+        high for _low, high in end_offsets(mesh.settings, mesh.settings.topic(DLQ)).values()
+    )
+    mesh.stop(stop_broker=False)
+    result = verify(mesh.settings)
+    report.verify = result.as_dict()
+    phase("verified", ok=result.ok)
+    return report
+
+
+def _wait(mesh: Mesh, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        mesh.supervisor.check()
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
