@@ -113,7 +113,8 @@ class HealthChecks:
         return KafkaState(brokers=len(md.brokers), missing_topics=missing)
 
     def _lag(self) -> GroupLags:
-        if self.kafka.snapshot.error is not None:
+        kafka = self.kafka.snapshot
+        if kafka.at is not None and kafka.error is not None:
             # each group_lag call would wait out its own timeouts against a dead cluster
             raise RuntimeError("kafka unreachable")
         return {

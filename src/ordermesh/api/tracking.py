@@ -76,9 +76,18 @@ class OrderReader:
         self.store.ping()
 
     async def wait_decided(self, order_id: str, timeout_s: float) -> OrderView | None:
-        """The order once decided, or as it is (maybe None) when ``timeout_s`` ran out."""
-        view = await self.get(order_id)
-        if decided(view) or timeout_s <= 0:
+        """The order once decided, or as it is (maybe None) when ``timeout_s`` ran out.
+
+        A store that fails meanwhile (the tracker has not created its DB yet, say) counts
+        as "not decided yet"; only the final read, at the deadline, raises StoreError.
+        """
+        if timeout_s <= 0:
+            return await self.get(order_id)
+        try:
+            view = await self.get(order_id)
+        except StoreError:
+            view = None
+        if decided(view):
             return view
         future: asyncio.Future[OrderView] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(order_id, []).append(future)
@@ -95,6 +104,10 @@ class OrderReader:
                     waiting.remove(future)
                 if not waiting:
                     del self._waiters[order_id]
+
+    def waiting_for(self, order_id: str) -> int:
+        """How many requests are waiting for this order's decision."""
+        return len(self._waiters.get(order_id, ()))
 
     def _lookup(self, order_ids: list[str]) -> list[OrderView | None]:
         return [self.store.get_order(order_id) for order_id in order_ids]
