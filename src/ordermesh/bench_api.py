@@ -33,6 +33,7 @@ from ordermesh.loadgen import OrderGenerator
 log = logging.getLogger(__name__)
 
 WAIT_S: Final = 10.0
+IDLE_REUSE_S: Final = 2.0
 
 
 def order_bodies(count: int, *, skus: int = 1000, seed: int = 1) -> list[bytes]:
@@ -187,16 +188,26 @@ async def _latency(
     acked: list[float] = []
     reserved: list[float] = []
     decided: list[float] = []
-    idle: list[HttpConnection] = []
+    idle: list[tuple[float, HttpConnection]] = []
+
+    async def connection() -> HttpConnection:
+        # most recently used first; one idle longer than the server's keep-alive timeout
+        # (uvicorn: 5 s) may be closed already
+        while idle:
+            used, conn = idle.pop()
+            if time.monotonic() - used < IDLE_REUSE_S:
+                return conn
+            await conn.close()
+        return await HttpConnection.open(base_url)
 
     async def one(body: bytes) -> None:
-        conn = idle.pop() if idle else await HttpConnection.open(base_url)
+        conn = await connection()
         start = time.perf_counter()
         try:
             status, answer = await conn.request("POST", "/orders", body, headers)
             if status != 202:
                 outcomes[f"post_{status}"] += 1
-                idle.append(conn)
+                idle.append((time.monotonic(), conn))
                 return
             acked.append(time.perf_counter() - start)
             order_id = msgspec.json.decode(answer)["order_id"]
@@ -206,7 +217,7 @@ async def _latency(
             await conn.close()
             return
         took = time.perf_counter() - start
-        idle.append(conn)
+        idle.append((time.monotonic(), conn))
         if status != 200:
             outcomes[f"get_{status}"] += 1
             return
@@ -226,7 +237,7 @@ async def _latency(
         tasks.append(asyncio.create_task(one(body)))
     sent_s = time.perf_counter() - start
     await asyncio.gather(*tasks)
-    for conn in idle:
+    for _, conn in idle:
         await conn.close()
     return {
         "count": len(bodies),

@@ -10,20 +10,34 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+import schemathesis
+from hypothesis import HealthCheck, Phase, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from ordermesh.api import create_app
 from ordermesh.api.idempotency import order_id_for_key
+from ordermesh.api.server import ThreadedServer
 from ordermesh.config import Settings
 from ordermesh.kafka.reader import read_topic
 from ordermesh.loadgen import sku_name
 from ordermesh.stores.inventory import InventoryStore, StockRow
+from ordermesh.stores.tracker import TrackerStore
 from ordermesh.topics import COMMANDS, ORDERS
 from tests.conftest import ServiceProcess, SettingsFactory, wait_for
 
@@ -32,37 +46,14 @@ SKUS = 20
 STOCK = 1_000
 
 
-class ApiServer:
-    """``create_app(settings)`` under uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.app = create_app(settings)
-        config = uvicorn.Config(self.app, lifespan="on", log_config=None, access_log=False)
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    def __enter__(self) -> ApiServer:
-        self._thread.start()
-        wait_for(lambda: self.server.started, 30, "the API to start", interval=0.05)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(30)
-        self._sock.close()
-        assert not self._thread.is_alive(), "the API did not shut down"
+def api_server(settings: Settings) -> ThreadedServer:
+    return ThreadedServer(create_app(settings))
 
 
 @dataclass
 class Stack:
     settings: Settings
-    api: ApiServer
+    api: ThreadedServer
     client: httpx.Client
     inventory: ServiceProcess
     tracker: ServiceProcess
@@ -123,7 +114,7 @@ def stack(
         store.seed({sku_name(i): STOCK for i in range(1, SKUS + 1)})
     inventory = service_factory(["inventory", "run"], settings, "inventory")
     tracker = service_factory(["tracker", "run"], settings, "tracker")
-    with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+    with api_server(settings) as api, httpx.Client(base_url=api.url, timeout=60) as client:
         # a first order through the whole pipeline: both consumer groups have joined
         warm = place(client, body((sku_name(SKUS), 1, 1.0)))
         got = client.get(f"/orders/{warm}", params={"wait": 30})
@@ -388,8 +379,9 @@ def test_bad_input_answers_4xx_problems(stack: Stack) -> None:
 
 def test_api_keys_guard_post_endpoints(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(api_keys="key-one, key-two")
+    TrackerStore(settings.tracker_db_path()).close()  # an empty tracker DB: reads answer
     payload = body((sku_name(1), 1, 1.0))
-    with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=30) as client:
+    with api_server(settings) as api, httpx.Client(base_url=api.url, timeout=30) as client:
         missing = client.post("/orders", json=payload)
         assert_problem(missing, 401)
         assert missing.headers["www-authenticate"] == "Bearer"
@@ -403,7 +395,7 @@ def test_api_keys_guard_post_endpoints(settings_factory: SettingsFactory) -> Non
         place(client, payload, **{"X-API-Key": "key-one"})
         place(client, payload, Authorization="Bearer key-two")
         # reads stay open
-        assert client.get("/orders").status_code == 200
+        assert client.get("/orders").json() == {"orders": [], "next_cursor": None}
         doc = client.get("/openapi.json").json()
         assert doc["paths"]["/orders"]["post"]["security"]
         assert "apiKey" in doc["components"]["securitySchemes"]
@@ -411,16 +403,82 @@ def test_api_keys_guard_post_endpoints(settings_factory: SettingsFactory) -> Non
     assert len(records) == 2
 
 
-def test_kafka_down_answers_503(settings_factory: SettingsFactory) -> None:
+def test_kafka_down_answers_503_and_a_keyed_retry_is_accepted_once(
+    settings_factory: SettingsFactory,
+) -> None:
+    live = settings_factory()
     # a closed port: nothing listens there, so nothing can acknowledge
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
-    settings = settings_factory().model_copy(update={"bootstrap_servers": dead})
-    with ApiServer(settings) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+    key = "retry-after-outage"
+    payload = body((sku_name(1), 1, 1.0))
+    down = live.model_copy(update={"bootstrap_servers": dead})
+    with api_server(down) as api, httpx.Client(base_url=api.url, timeout=60) as client:
         health = client.get("/health")
         assert health.status_code == 503
         assert health.json()["checks"]["kafka"]["ok"] is False
-        response = client.post("/orders", json=body((sku_name(1), 1, 1.0)))
+        response = client.post("/orders", json=payload, headers={"Idempotency-Key": key})
         assert "kafka-unavailable" in assert_problem(response, 503)["type"]
         assert "ordermesh_api_produce_failures_total{topic=" in client.get("/metrics").text
+
+    # Kafka is back (same API DB): the retry with the same key and body is accepted now,
+    # under the id derived from the key, and a second retry is a replay
+    with api_server(live) as api, httpx.Client(base_url=api.url, timeout=60) as client:
+        first = client.post("/orders", json=payload, headers={"Idempotency-Key": key})
+        assert first.status_code == 202, first.text
+        assert first.json()["order_id"] == order_id_for_key(key)
+        again = client.post("/orders", json=payload, headers={"Idempotency-Key": key})
+        assert again.status_code == 200 and again.json() == first.json()
+    records = list(read_topic(live, live.topic(ORDERS)))
+    assert [r.key for r in records] == [order_id_for_key(key).encode()]
+
+
+# --- property-based: schemathesis against the app's own OpenAPI document ----------------
+
+EXAMPLES_PER_OPERATION_AND_MODE = 25  # ~200 requests over 7 operations x 2 modes
+
+
+def test_generated_requests_never_get_a_server_error(stack: Stack) -> None:
+    doc = stack.client.get("/openapi.json").json()
+    # bounded run: a generated ?wait= on an unknown order would otherwise last up to 30 s
+    for param in doc["paths"]["/orders/{order_id}"]["get"]["parameters"]:
+        if param["name"] == "wait":
+            param["schema"]["maximum"] = 0.2
+    schema = schemathesis.openapi.from_dict(doc)
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+        negative_data_rejection,
+    ]
+    calls: Counter[str] = Counter()
+    skipped: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @hypothesis_settings(
+                max_examples=EXAMPLES_PER_OPERATION_AND_MODE,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def run(case: Any) -> None:
+                response = case.call(base_url=stack.api.url, timeout=30)
+                calls[f"{case.method} {case.path} {response.status_code}"] += 1
+                case.validate_response(response, checks=checks)
+
+            try:
+                run()
+            except Unsatisfiable:
+                # nothing to negate: an operation without parameters or body
+                assert mode is GenerationMode.NEGATIVE, operation.label
+                skipped.append(operation.label)
+    assert sorted(skipped) == ["GET /health", "GET /metrics", "GET /openapi.json"][: len(skipped)]
+    assert sum(calls.values()) >= 100, calls
+    assert not [c for c in calls if c.endswith((" 500", " 502", " 503", " 504"))], calls

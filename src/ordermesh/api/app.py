@@ -19,6 +19,7 @@ from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 import msgspec
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -149,8 +150,11 @@ def body_hash(order: schema.OrderPlaced) -> str:
 class OrdersApi:
     """Endpoints of one app; its resources open in ``start`` and close in ``stop``."""
 
-    def __init__(self, settings: Settings, metrics: ApiMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: ApiMetrics, producer: Producer | None = None
+    ) -> None:
         self.settings = settings
+        self._kafka_producer = producer
         self.metrics = metrics
         self.api_keys = tuple(k.encode() for k in settings.api_key_set())
         self.orders_topic = settings.topic(ORDERS)
@@ -170,7 +174,7 @@ class OrdersApi:
         self._keys = IdempotencyStore(settings.api_db_path())
         # read-only and lazy: the API may start before the tracker created its DB
         self._reader = OrderReader(TrackerStore(settings.tracker_db_path(), readonly=True))
-        self._producer = AsyncProducer(settings)
+        self._producer = AsyncProducer(settings, producer=self._kafka_producer)
         self._producer.start()
         self._admin = make_admin(settings)
         self._health = HealthChecks(settings, self._admin)
@@ -223,7 +227,7 @@ class OrdersApi:
             if scheme.lower() == "bearer":
                 given = token.strip()
         if given:
-            candidate = given.encode("utf-8")
+            candidate = given.encode("latin-1")  # the raw header bytes
             # compare against every key in constant time: no early exit reveals which
             # prefix matched
             matched = [hmac.compare_digest(candidate, key) for key in self.api_keys]
@@ -295,9 +299,7 @@ class OrdersApi:
             return json_response(OrderAccepted(order_id), 202, location)
 
         digest = body_hash(order)
-        record, inserted = await asyncio.to_thread(
-            self.keys.reserve, key, digest, order_id, order.created_at
-        )
+        record = await asyncio.to_thread(self.keys.reserve, key, digest, order_id, order.created_at)
         if record.body_hash != digest:
             raise HTTPProblem(
                 409,
@@ -308,16 +310,16 @@ class OrdersApi:
             self.metrics.idempotent_replays.inc()
             headers = {**location, "Idempotent-Replayed": "true"}
             return json_response(OrderAccepted(record.order_id), 200, headers)
-        # first attempt, or one that has not seen its ack (crashed, failed, concurrent):
-        # produce the reserved record again; identical bytes, decided once by inventory
+        # first attempt, or a retry of one that got no ack (Kafka failed, the API crashed)
+        # or a concurrent twin: produce the reserved record; identical bytes every time,
+        # decided once by the inventory
         order = msgspec.structs.replace(order, created_at=record.created_at)
         await self.produce(self.orders_topic, order_id, schema.encode(order))
-        await asyncio.to_thread(self.keys.mark_acked, key, schema.now())
-        if not inserted:
-            self.metrics.idempotent_replays.inc()
-            return json_response(OrderAccepted(order_id), 200, location)
-        self.metrics.orders_accepted.inc()
-        return json_response(OrderAccepted(order_id), 202, location)
+        if await asyncio.to_thread(self.keys.mark_acked, key, schema.now()):
+            self.metrics.orders_accepted.inc()
+            return json_response(OrderAccepted(order_id), 202, location)
+        self.metrics.idempotent_replays.inc()  # a concurrent twin was acknowledged first
+        return json_response(OrderAccepted(order_id), 200, location)
 
     async def get_order(self, request: Request) -> Response:
         order_id: str = request.path_params["order_id"]
@@ -458,10 +460,14 @@ async def _server_error(_request: Request, exc: Exception) -> Response:
     return problem_response(500, "internal-error", "internal error")
 
 
-def create_app(settings: Settings) -> Starlette:
-    """The ASGI app; Kafka clients and databases open when it starts (lifespan)."""
+def create_app(settings: Settings, *, producer: Producer | None = None) -> Starlette:
+    """The ASGI app; Kafka clients and databases open when it starts (lifespan).
+
+    ``producer`` replaces the idempotent producer built from ``settings`` (unit tests
+    pass a stand-in; it must call each ``on_delivery`` from its ``poll``).
+    """
     metrics = ApiMetrics()
-    api = OrdersApi(settings, metrics)
+    api = OrdersApi(settings, metrics, producer)
     routes = [
         Route("/orders", api.orders, methods=["GET", "POST"]),
         Route("/orders/{order_id}", api.get_order, methods=["GET"]),

@@ -94,18 +94,16 @@ class IdempotencyStore:
         except sqlite3.Error as exc:
             raise StoreError(f"api db {self.path}: {what} failed: {exc}") from exc
 
-    def reserve(
-        self, key: str, body_hash: str, order_id: str, created_at: float
-    ) -> tuple[KeyRecord, bool]:
-        """Insert the key unless present: (the record stored for it, whether it is ours)."""
+    def reserve(self, key: str, body_hash: str, order_id: str, created_at: float) -> KeyRecord:
+        """Insert the key unless present; the record stored for it (maybe another's)."""
         with self._lock, self._translate("reserve key"):
             # one statement each, both autocommit: the INSERT is atomic across API
             # processes, and whoever lost the race reads the winner's row
-            inserted = self._conn.execute(
+            self._conn.execute(
                 "INSERT INTO idempotency_keys (idempotency_key, body_hash, order_id, created_at)"
                 " VALUES (?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
                 (key, body_hash, order_id, created_at),
-            ).rowcount
+            )
             row = self._conn.execute(
                 "SELECT idempotency_key, body_hash, order_id, created_at, acked_at"
                 " FROM idempotency_keys WHERE idempotency_key = ?",
@@ -113,15 +111,17 @@ class IdempotencyStore:
             ).fetchone()
         if row is None:  # cannot happen short of someone deleting rows under us
             raise StoreError(f"api db {self.path}: key vanished after insert")
-        return KeyRecord(*row), inserted == 1
+        return KeyRecord(*row)
 
-    def mark_acked(self, key: str, at: float) -> None:
+    def mark_acked(self, key: str, at: float) -> bool:
+        """Record the ack; True if this was the first (the order was accepted just now)."""
         with self._lock, self._translate("mark key acknowledged"):
-            self._conn.execute(
+            updated = self._conn.execute(
                 "UPDATE idempotency_keys SET acked_at = ?"
                 " WHERE idempotency_key = ? AND acked_at IS NULL",
                 (at, key),
-            )
+            ).rowcount
+        return bool(updated == 1)
 
     def get(self, key: str) -> KeyRecord | None:
         with self._lock, self._translate("read key"):

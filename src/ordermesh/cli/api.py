@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from typing import Annotated
 
 import typer
@@ -25,21 +26,20 @@ def api_cmd(
     import uvicorn
 
     from ordermesh.api import create_app
+    from ordermesh.api.server import uvicorn_config
 
     settings = make_settings(data_dir=data_dir)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=host,
-        port=port,
-        # "auto" picks uvloop and httptools (dependencies): measured ~2x asyncio + h11
-        loop="auto",
-        http="auto",
-        lifespan="on",
-        access_log=access_log,
-        log_config=None,  # keep the logging set up by the CLI
-        timeout_graceful_shutdown=15,
-    )
+    config = uvicorn_config(create_app(settings), host=host, port=port, access_log=access_log)
     server = uvicorn.Server(config)
+
+    def stop(_sig: int, _frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn re-raises a SIGTERM/SIGINT after its graceful shutdown, into the handlers it
+    # found: with these, that ends in exit 0 like the other services (not 143), and a
+    # signal that arrives before uvicorn listens still stops it
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     server.run()
     if not server.started:
         # uvicorn logged why (port taken, startup failed)

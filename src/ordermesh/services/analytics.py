@@ -333,9 +333,8 @@ class Analytics:
             bucket = self._bucket(event.at, now_sec)
             if bucket is not None:
                 bucket.cancelled += 1
-        elif isinstance(event, CancelRejected):
-            if self._first(event.order_id, _CANCEL_REJECTED):
-                t.cancel_rejected += 1
+        elif isinstance(event, CancelRejected) and self._first(event.order_id, _CANCEL_REJECTED):
+            t.cancel_rejected += 1
         # StockReleased accompanies OrderCancelled and adds nothing to count
 
     def _first(self, order_id: str, bit: int) -> bool:

@@ -1,0 +1,39 @@
+"""`ordermesh analytics run`: rolling analytics of the topics and the live dashboard."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ordermesh.cli.common import DataDir, app, console, fail, make_settings
+from ordermesh.errors import OrderMeshError
+
+analytics_app = typer.Typer(no_args_is_help=True, help="Analytics and the live dashboard.")
+app.add_typer(analytics_app, name="analytics")
+
+
+@analytics_app.command("run")
+def analytics_run(
+    host: Annotated[str, typer.Option(help="Address of the dashboard and /metrics.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8090,
+    idle_exit: Annotated[
+        float | None, typer.Option(help="Exit after this many idle seconds.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Consume orders, events and the DLQ from the beginning; serve the dashboard.
+
+    GET / (dashboard), /snapshot (JSON), /groups (consumer groups and lag), /metrics.
+    """
+    from ordermesh.kafka.analytics import run_analytics
+
+    settings = make_settings(data_dir=data_dir)
+    try:
+        stats = run_analytics(settings, host=host, port=port, idle_exit_s=idle_exit)
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+    if console.is_terminal:
+        console.print(f"analytics: stopped after {stats.records_in} records")
