@@ -436,27 +436,32 @@ def create_app(
 class HttpServer:
     """uvicorn in a background thread, on a socket bound up front."""
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int) -> None:
         try:
-            self._sock = socket.create_server((host, port), reuse_port=False)
+            self._sock = socket.create_server((host, port))
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc}") from exc
         self.port = int(self._sock.getsockname()[1])
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, app: Starlette) -> None:
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="analytics-http"
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name="analytics-http",
+            daemon=True,
         )
-        self._thread.daemon = True
-
-    def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        if self._thread.is_alive():
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(10)
         self._sock.close()
 
@@ -470,18 +475,18 @@ def run_analytics(
     groups: bool = True,
 ) -> RunnerStats:
     """Run analytics and its dashboard until SIGTERM/SIGINT (or idle)."""
+    server = HttpServer(host, port)  # bound first: a busy port fails before anything starts
     state = AnalyticsState(settings)
     runner = analytics_runner(settings, state)
-    # signals first: a SIGTERM while the server starts must still end in a clean close
+    # signals before the threads start: a SIGTERM from then on ends in a clean close
     runner.install_signal_handlers()
     runner.metrics.registry.register(AnalyticsCollector(state))
     monitor = GroupsMonitor(settings) if groups else None
-    server = HttpServer(create_app(state, monitor, runner.metrics.registry), host, port)
-    server.start()
-    if monitor is not None:
-        monitor.start()
-    log.info("analytics: dashboard on http://%s:%d/", host, server.port)
     try:
+        server.start(create_app(state, monitor, runner.metrics.registry))
+        if monitor is not None:
+            monitor.start()
+        log.info("analytics: dashboard on http://%s:%d/", host, server.port)
         return runner.run(idle_exit_s=idle_exit_s)
     finally:
         if monitor is not None:
