@@ -57,13 +57,13 @@ def render(status: dict[str, Any], rates: dict[str, float], header: str) -> Grou
             outcomes.add_row(key, f"{totals[key]:,}")
     for reason, n in sorted((totals.get("rejected") or {}).items()):
         outcomes.add_row(f"rejected {reason}", f"{n:,}")
-    for reason, n in sorted((totals.get("dlq") or {}).items()):
+    for reason, n in sorted((totals.get("dlq_by_reason") or {}).items()):
         outcomes.add_row(f"dlq {reason}", f"{n:,}")
-    latency = ((snap.get("windows") or {}).get("10s") or {}).get("latency") or {}
-    if latency:
+    latency = ((snap.get("windows") or {}).get("10s") or {}).get("latency_ms") or {}
+    if latency.get("p50") is not None:
         outcomes.add_row(
             "latency p50 / p99 (10s)",
-            f"{latency.get('p50', 0) * 1000:.0f} / {latency.get('p99', 0) * 1000:.0f} ms",
+            f"{latency.get('p50') or 0:.0f} / {latency.get('p99') or 0:.0f} ms",
         )
     lag = Table("consumer group", "lag", box=None)
     for group, value in status["lag"].items():
