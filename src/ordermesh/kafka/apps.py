@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
+from contextlib import closing
 
 from ordermesh.config import Settings
-from ordermesh.kafka.runner import BatchRunner, RunnerStats
+from ordermesh.kafka.runner import BatchHandler, BatchRunner, RunnerStats
 from ordermesh.services.dlq import DlqLogger
 from ordermesh.services.inventory import InventoryService
 from ordermesh.services.tracker import TrackerService
@@ -13,7 +13,22 @@ from ordermesh.stores.inventory import InventoryStore
 from ordermesh.stores.tracker import TrackerStore
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 
-log = logging.getLogger(__name__)
+
+def _runner(settings: Settings, name: str, topics: list[str], handler: BatchHandler) -> BatchRunner:
+    """A runner in consumer group ``name`` over ``topics`` (names before the prefix)."""
+    return BatchRunner(
+        settings,
+        group=name,
+        topics=[settings.topic(t) for t in topics],
+        handler=handler,
+        name=name,
+    )
+
+
+def _run(runner: BatchRunner, idle_exit_s: float | None) -> RunnerStats:
+    """Run until SIGTERM/SIGINT (or idle); in-flight batches are committed before exit."""
+    runner.install_signal_handlers()
+    return runner.run(idle_exit_s=idle_exit_s)
 
 
 def inventory_runner(settings: Settings, store: InventoryStore) -> BatchRunner:
@@ -24,24 +39,13 @@ def inventory_runner(settings: Settings, store: InventoryStore) -> BatchRunner:
         events_topic=settings.topic(EVENTS),
         dlq_topic=settings.topic(DLQ),
     )
-    return BatchRunner(
-        settings,
-        group="inventory",
-        topics=[settings.topic(ORDERS), settings.topic(COMMANDS)],
-        handler=service,
-        name="inventory",
-    )
+    return _runner(settings, "inventory", [ORDERS, COMMANDS], service)
 
 
 def run_inventory(settings: Settings, *, idle_exit_s: float | None = None) -> RunnerStats:
-    """Run the inventory service until SIGTERM/SIGINT (or idle); commits before exiting."""
-    store = InventoryStore(settings.inventory_db_path())
-    try:
-        runner = inventory_runner(settings, store)
-        runner.install_signal_handlers()
-        return runner.run(idle_exit_s=idle_exit_s)
-    finally:
-        store.close()
+    """The inventory service: reserve stock, emit outcomes, dead-letter bad input."""
+    with closing(InventoryStore(settings.inventory_db_path())) as store:
+        return _run(inventory_runner(settings, store), idle_exit_s)
 
 
 def tracker_runner(settings: Settings, store: TrackerStore) -> BatchRunner:
@@ -51,38 +55,19 @@ def tracker_runner(settings: Settings, store: TrackerStore) -> BatchRunner:
         events_topic=settings.topic(EVENTS),
         dlq_topic=settings.topic(DLQ),
     )
-    return BatchRunner(
-        settings,
-        group="tracker",
-        topics=[settings.topic(ORDERS), settings.topic(EVENTS)],
-        handler=service,
-        name="tracker",
-    )
+    return _runner(settings, "tracker", [ORDERS, EVENTS], service)
 
 
 def run_tracker(settings: Settings, *, idle_exit_s: float | None = None) -> RunnerStats:
-    """Run the order tracker until SIGTERM/SIGINT (or idle); commits before exiting."""
-    store = TrackerStore(settings.tracker_db_path())
-    try:
-        runner = tracker_runner(settings, store)
-        runner.install_signal_handlers()
-        return runner.run(idle_exit_s=idle_exit_s)
-    finally:
-        store.close()
+    """The order tracker: follow orders and their events to a queryable status."""
+    with closing(TrackerStore(settings.tracker_db_path())) as store:
+        return _run(tracker_runner(settings, store), idle_exit_s)
 
 
 def run_dlq_logger(settings: Settings, *, idle_exit_s: float | None = None) -> RunnerStats:
-    """Log one alert line per DLQ record until SIGTERM/SIGINT (or idle); produces nothing."""
+    """Log one alert line per DLQ record; produces nothing."""
     service = DlqLogger()
-    runner = BatchRunner(
-        settings,
-        group="dlq-logger",
-        topics=[settings.topic(DLQ)],
-        handler=service,
-        name="dlq-logger",
-    )
-    runner.install_signal_handlers()
     try:
-        return runner.run(idle_exit_s=idle_exit_s)
+        return _run(_runner(settings, "dlq-logger", [DLQ], service), idle_exit_s)
     finally:
         service.log_summary()
