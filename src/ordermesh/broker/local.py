@@ -236,6 +236,13 @@ class LocalCluster:
             "unclean.leader.election.enable": "false",
             # tests start many groups; no point waiting for late joiners on a laptop
             "group.initial.rebalance.delay.ms": 0,
+            # KIP-848 groups keep a crashed member's partitions for the session timeout
+            # (default 45 s): a restarted service would sit idle that long. 10 s bounds the
+            # recovery after a kill -9; heartbeats every 2 s keep live members well inside.
+            "group.consumer.min.session.timeout.ms": 6000,
+            "group.consumer.session.timeout.ms": 10000,
+            "group.consumer.min.heartbeat.interval.ms": 1000,
+            "group.consumer.heartbeat.interval.ms": 2000,
             "num.network.threads": 3,
             "num.io.threads": 4,
             "log.segment.bytes": 256 * 1024 * 1024,
