@@ -539,59 +539,50 @@ class TrackerStore:
         )
         return [PendingEvent(oid, event, bytes(payload), src) for oid, event, payload, src in rows]
 
-    def insert_orders(self, rows: Iterable[OrderRow]) -> None:
-        params = list(rows)
+    def _write_many(self, what: str, sql: str, params: list[Any]) -> None:
+        """``executemany`` inside the open transaction; nothing to write needs none."""
         if not params:
             return
         conn = self._writer()
-        with self._translate("insert orders"):
-            conn.executemany(
-                "INSERT INTO orders (order_id, customer_id, status, items, total, currency,"
-                " created_at, placed_at, decided_at, cancelled_at, reason, detail, updated_at,"
-                " seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                params,
-            )
+        with self._translate(what):
+            conn.executemany(sql, params)
+
+    def insert_orders(self, rows: Iterable[OrderRow]) -> None:
+        self._write_many(
+            "insert orders",
+            "INSERT INTO orders (order_id, customer_id, status, items, total, currency,"
+            " created_at, placed_at, decided_at, cancelled_at, reason, detail, updated_at,"
+            " seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            list(rows),
+        )
 
     def update_orders(self, updates: Iterable[OrderUpdate]) -> None:
-        params = [(*u[1:], u.order_id) for u in updates]
-        if not params:
-            return
-        conn = self._writer()
-        with self._translate("update orders"):
-            conn.executemany(
-                "UPDATE orders SET status = ?, decided_at = ?, cancelled_at = ?, reason = ?,"
-                " detail = ?, updated_at = ?, seq = ? WHERE order_id = ?",
-                params,
-            )
+        self._write_many(
+            "update orders",
+            "UPDATE orders SET status = ?, decided_at = ?, cancelled_at = ?, reason = ?,"
+            " detail = ?, updated_at = ?, seq = ? WHERE order_id = ?",
+            [(*u[1:], u.order_id) for u in updates],
+        )
 
     def insert_history(self, rows: Iterable[HistoryRow]) -> None:
-        params = list(rows)
-        if not params:
-            return
-        conn = self._writer()
-        with self._translate("insert history"):
-            conn.executemany(
-                "INSERT INTO history (order_id, event, status, at, detail, source)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, event) DO NOTHING",
-                params,
-            )
+        self._write_many(
+            "insert history",
+            "INSERT INTO history (order_id, event, status, at, detail, source)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, event) DO NOTHING",
+            list(rows),
+        )
 
     def insert_pending(self, rows: Iterable[PendingEvent]) -> None:
-        params = list(rows)
-        if not params:
-            return
-        conn = self._writer()
-        with self._translate("insert pending"):
-            conn.executemany(
-                "INSERT INTO pending (order_id, event, payload, source) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (order_id, event) DO NOTHING",
-                params,
-            )
+        self._write_many(
+            "insert pending",
+            "INSERT INTO pending (order_id, event, payload, source) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (order_id, event) DO NOTHING",
+            list(rows),
+        )
 
     def delete_pending(self, order_ids: Iterable[str]) -> None:
-        params = [(order_id,) for order_id in order_ids]
-        if not params:
-            return
-        conn = self._writer()
-        with self._translate("delete pending"):
-            conn.executemany("DELETE FROM pending WHERE order_id = ?", params)
+        self._write_many(
+            "delete pending",
+            "DELETE FROM pending WHERE order_id = ?",
+            [(order_id,) for order_id in order_ids],
+        )
