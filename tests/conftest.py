@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 from ordermesh.broker.jars import ensure_jars
 from ordermesh.broker.local import LocalCluster
 from ordermesh.config import Settings
+from ordermesh.errors import BrokerError
 from ordermesh.kafka.client import make_admin
 from ordermesh.topics import ensure_topics
 
@@ -26,8 +28,16 @@ SettingsFactory = Callable[..., Settings]
 def _start_cluster(root: Path, nodes: int) -> LocalCluster:
     base = Settings()
     jar_dir = ensure_jars(base.kafka_jar_dir(), base.kafka_version)
-    cluster = LocalCluster(root, jar_dir, heap_mb=1024 if nodes == 1 else 768)
-    cluster.up(nodes=nodes)
+    heap = 1024 if nodes == 1 else 768
+    try:
+        cluster = LocalCluster(root / "a", jar_dir, heap_mb=heap)
+        cluster.up(nodes=nodes)
+    except BrokerError as exc:
+        # free ports are picked before the JVM binds them: another process may win the
+        # race. One more try on new ports; a second failure is real and fails the session.
+        logging.getLogger(__name__).warning("broker start failed, retrying on new ports: %s", exc)
+        cluster = LocalCluster(root / "b", jar_dir, heap_mb=heap)
+        cluster.up(nodes=nodes)
     return cluster
 
 
