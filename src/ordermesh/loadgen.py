@@ -206,7 +206,10 @@ class OrderGenerator:
                 # a producer that died mid-write: any proper prefix of an object is invalid.
                 # Never empty: some clients read an empty value as a missing one.
                 raw = schema.encode(order)
-                return raw[: rng.randrange(1, len(raw))]
+                # one random() whatever len(raw) is: randrange(n) consumes a varying amount
+                # of the stream, and len(raw) varies with created_at (the wall clock), which
+                # would make every later draw of the seed's sequence differ between runs
+                return raw[: 1 + int(rng.random() * (len(raw) - 1))]
             lead = _NOT_JSON_LEAD[rng.randrange(len(_NOT_JSON_LEAD))]
             return bytes([lead]) + rng.randbytes(rng.randint(8, 256))
         if kind == "bad_utf8":

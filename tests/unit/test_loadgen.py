@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections import Counter
@@ -385,3 +386,18 @@ def test_run_load_against_unreachable_broker_counts_failures(
     assert summary.sent == 50
     assert summary.acknowledged == 0
     assert summary.failed == 50
+
+
+def test_sequence_does_not_depend_on_the_clock() -> None:
+    # created_at changes the encoded length of a truncated "not_json" message; that must
+    # not change how much of the random stream is consumed, or later keys would differ
+    def keys(start: float) -> list[bytes]:
+        ticks = itertools.count()
+        gen = OrderGenerator(
+            3, skus=50, malformed_ratio=0.1, clock=lambda: start + next(ticks) * 0.0001234567
+        )
+        return [gen.next().key for _ in range(5000)]
+
+    base = keys(1_795_503_988.0)
+    for start in (1.5, 17.25, 99_999.987654321, 1_795_503_988.123456789):
+        assert keys(start) == base
