@@ -1,3 +1,3 @@
-from ordermesh.cli import app
+from ordermesh.cli import run
 
-app()
+run()

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ordermesh.errors import ConfigError
+
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 KAFKA_VERSION = "4.3.1"
@@ -21,6 +23,24 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "ordermesh"
 
 
+def read_client_properties(path: Path) -> dict[str, str]:
+    """``key=value`` lines of a Java-style properties file (``#``/``!`` comments)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--command-config {path}: {exc.strerror or exc}") from None
+    props: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#!":
+            continue
+        sep = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if sep < 0:
+            raise ConfigError(f"--command-config {path}:{number}: expected key=value")
+        props[line[:sep].strip()] = line[sep + 1 :].strip()
+    return props
+
+
 class Settings(BaseSettings):
     """Everything configurable; built once at the entry point and passed down."""
 
@@ -32,6 +52,9 @@ class Settings(BaseSettings):
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # Extra librdkafka properties in the ``client.properties`` format of Kafka's own
+    # tools (``--command-config``): how SASL/TLS settings are usually passed.
+    command_config: Path | None = None
 
     # Local broker
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -68,6 +91,12 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             env[f"ORDERMESH_{name.upper()}"] = str(value)
         return env
+
+    def client_properties(self) -> dict[str, str]:
+        """The properties of ``command_config`` (empty when unset)."""
+        if self.command_config is None:
+            return {}
+        return read_client_properties(self.command_config)
 
     def kafka_jar_dir(self) -> Path:
         """Where the Kafka jars of ``kafka_version`` are cached."""

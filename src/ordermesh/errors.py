@@ -6,6 +6,7 @@
     ├── ConfigError              bad settings or environment
     ├── BrokerError              the local Kafka broker could not be fetched, started or stopped
     │   └── JarFetchError        Maven could not fetch the Kafka jars
+    ├── KafkaUnavailableError    the Kafka cluster cannot be reached (CLI exit code 3)
     ├── TopicError               a topic exists with another shape, or could not be created
     ├── DecodeError              a message could not be decoded or failed validation
     │                            (keeps the raw bytes so the DLQ can forward them unchanged)
@@ -31,6 +32,10 @@ class BrokerError(OrderMeshError):
 
 class JarFetchError(BrokerError):
     """Maven could not fetch the Kafka jars."""
+
+
+class KafkaUnavailableError(OrderMeshError):
+    """The Kafka cluster cannot be reached: nothing listens, DNS fails, or it times out."""
 
 
 class TopicError(OrderMeshError):

@@ -10,6 +10,8 @@ import bisect
 import itertools
 import logging
 import math
+import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -75,6 +77,21 @@ MAX_BURST_S: Final = 0.1
 MAX_CHUNK: Final = 1000
 FLUSH_TIMEOUT_S: Final = 60.0
 PROGRESS_EVERY_S: Final = 0.25
+
+
+# the catalogue `up`, `inventory seed` and `load` agree on unless told otherwise
+DEFAULT_SKUS: Final = 1000
+DEFAULT_STOCK: Final = 100_000
+
+
+# Random seeds are drawn below this: order ids stay short (ord-<12 digits>-<9 digits>),
+# and two runs pick the same seed with a chance of one in 10^12.
+RANDOM_SEED_LIMIT: Final = 10**12
+
+
+def random_seed() -> int:
+    """A fresh seed for a load run that was given none (1 .. RANDOM_SEED_LIMIT - 1)."""
+    return 1 + secrets.randbelow(RANDOM_SEED_LIMIT - 1)
 
 
 def sku_name(i: int) -> str:
@@ -243,6 +260,7 @@ class LoadSummary:
     malformed_sent: int
     elapsed_s: float
     rate: float
+    seed: int
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -284,14 +302,14 @@ def run_load(
     seed: int,
     skus: int,
     progress: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadSummary:
     """Produce generated orders to the ``orders`` topic until ``count`` or ``duration``.
 
-    ``rate`` is messages per second, None for as fast as possible. Ctrl-C stops producing
-    early; what was sent is still flushed and summarised.
+    With neither, it runs until ``stop`` is set (the CLI sets it on SIGINT and SIGTERM)
+    or Ctrl-C. ``rate`` is messages per second, None for as fast as possible. What was
+    sent is still flushed and summarised.
     """
-    if count is None and duration is None:
-        raise ConfigError("a load run needs a count or a duration")
     if count is not None and count < 0:
         raise ConfigError(f"count must be >= 0, got {count}")
     if duration is not None and not duration > 0:
@@ -318,7 +336,7 @@ def run_load(
     next_progress = start + PROGRESS_EVERY_S
     interrupted = False
     try:
-        while count is None or sent < count:
+        while (count is None or sent < count) and not (stop is not None and stop.is_set()):
             now = time.monotonic()
             if now >= deadline:
                 break
@@ -343,6 +361,7 @@ def run_load(
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("load interrupted after %d messages; flushing", sent)
+    interrupted = interrupted or (stop is not None and stop.is_set())
     if progress is not None:
         progress(sent)
     unflushed = _flush(producer)
@@ -355,6 +374,7 @@ def run_load(
         malformed_sent=malformed,
         elapsed_s=elapsed,
         rate=sent / elapsed if elapsed > 0 else 0.0,
+        seed=seed,
     )
     logger.info(
         "load %s: topic=%s sent=%d acknowledged=%d failed=%d (unflushed %d) malformed=%d "

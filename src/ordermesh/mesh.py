@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from ordermesh.config import Settings
-from ordermesh.errors import ConfigError
-from ordermesh.kafka.client import make_admin
+from ordermesh.errors import ConfigError, OrderMeshError
+from ordermesh.kafka.client import kafka_errors, make_admin
 from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import end_offsets
 from ordermesh.loadgen import sku_name
@@ -88,7 +91,6 @@ class Mesh:
         self.cluster: Any = None
         self.api_url = ""
         self.dashboard_url = ""
-        self.load_seed = int(time.time())
 
     # --- bring up ------------------------------------------------------------------------
 
@@ -103,7 +105,13 @@ class Mesh:
             self.cluster = LocalCluster(
                 settings.broker_dir(), jar_dir, heap_mb=settings.broker_heap_mb
             )
-            state, self.started_broker = self.cluster.up(nodes=1, port=settings.broker_port)
+            port = settings.broker_port
+            taken = port and any(port_or_free(p) != p for p in (port, port + 1))
+            if taken and self.cluster.load_state() is None:
+                # a new cluster only: an existing one keeps the ports it was formatted with
+                log.info("ports %d-%d are taken; the broker takes free ones", port, port + 1)
+                port = 0
+            state, self.started_broker = self.cluster.up(nodes=1, port=port)
             # children must find this exact cluster whatever its ports
             self.settings = settings = settings.model_copy(
                 update={"bootstrap_servers": state.bootstrap_servers}
@@ -144,21 +152,19 @@ class Mesh:
         count: int | None = None,
         malformed_ratio: float = 0.01,
     ) -> None:
-        args = [
-            "load",
-            "--malformed-ratio",
-            str(malformed_ratio),
-            "--seed",
-            str(self.load_seed),
-            "--skus",
-            str(self.plan.skus),
-        ]
+        """Start the load generator: until ``duration``/``count``, or until stopped.
+
+        No ``--seed``: each start (a restart after a crash too) draws a fresh one, so
+        its order ids never collide with an earlier run's.
+        """
+        args = ["load", "--malformed-ratio", str(malformed_ratio), "--skus", str(self.plan.skus)]
         args += ["--rate", str(rate)] if rate else ["--max"]
         if duration is not None:
             args += ["--duration", str(duration)]
         if count is not None:
             args += ["--count", str(count)]
-        self.supervisor.add("load", args, restart=False)
+        # a load that ran its count exits 0 and stays done; a crashed one is restarted
+        self.supervisor.add("load", args, restart="on-failure")
         self.supervisor.start("load")
         self.write_state()
 
@@ -166,28 +172,41 @@ class Mesh:
         load = self.supervisor.services.get("load")
         return load is not None and load.running()
 
-    def write_state(self) -> None:
+    def write_state(self, live: dict[str, Any] | None = None) -> None:
+        """``mesh.json``: where the mesh is, its services and (``live``) its last numbers."""
         self.supervisor.write_state(
             {
                 "bootstrap_servers": self.settings.bootstrap_servers,
                 "topic_prefix": self.settings.topic_prefix,
                 "api_url": self.api_url,
                 "dashboard_url": self.dashboard_url,
+                "live": live,
             }
         )
 
     # --- numbers -------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """The live numbers; raises OrderMeshError while Kafka is not answering (yet)."""
         return mesh_status(self.settings, self.dashboard_url, self.supervisor)
 
     def drained(self) -> bool:
-        lags = {
-            g: sum(group_lag(self.settings, g, [self.settings.topic(t) for t in topics]).values())
-            for g, topics in GROUP_TOPICS.items()
-            if g in ("inventory", "tracker")
-        }
-        return all(v == 0 for v in lags.values())
+        """Every stateful group has caught up (False while Kafka does not answer)."""
+        try:
+            with kafka_errors(self.settings):
+                lags = [
+                    sum(
+                        group_lag(
+                            self.settings, g, [self.settings.topic(t) for t in topics]
+                        ).values()
+                    )
+                    for g, topics in GROUP_TOPICS.items()
+                    if g in ("inventory", "tracker")
+                ]
+        except OrderMeshError as exc:
+            log.info("drain check: %s", exc)
+            return False
+        return all(v == 0 for v in lags)
 
     def wait_drained(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
@@ -200,12 +219,40 @@ class Mesh:
 
     # --- bring down ------------------------------------------------------------------------
 
+    def stop_inputs(self) -> None:
+        """Stop what puts orders in (the load, the API); the consumers keep draining."""
+        with _signals_held():
+            for name in ("load", "api"):
+                if name in self.supervisor.services:
+                    self.supervisor.stop(name)
+
     def stop(self, *, stop_broker: bool = True) -> dict[str, int | None]:
-        # producers first, so consumers can finish what was accepted
-        codes = self.supervisor.stop_all(order=["load", "api"])
-        if stop_broker and self.started_broker and self.cluster is not None:
-            self.cluster.down()
+        """Stop every service (producers first), then the broker if this mesh started it.
+
+        Safe to call again, and on a mesh that started only partly.
+        """
+        with _signals_held():
+            # producers first, so consumers can finish what was accepted
+            codes = self.supervisor.stop_all(order=["load", "api"])
+            if stop_broker and self.started_broker and self.cluster is not None:
+                self.cluster.down()
+                self.started_broker = False
         return codes
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait while children are stopped: an impatient second
+    Ctrl-C must not leave any of them behind."""
+    held = {
+        sig: signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
 
 
 def fetch_json(url: str, timeout: float = 0.8) -> Any:
@@ -220,15 +267,20 @@ def fetch_json(url: str, timeout: float = 0.8) -> Any:
 def mesh_status(
     settings: Settings, dashboard_url: str, supervisor: Supervisor | None = None
 ) -> dict[str, Any]:
-    """Topic ends, group lag, the analytics snapshot and the services' state."""
-    topics = {
-        name: sum(high for _low, high in end_offsets(settings, settings.topic(name)).values())
-        for name in (ORDERS, EVENTS, DLQ, COMMANDS)
-    }
-    lag = {}
-    for group, group_topics in GROUP_TOPICS.items():
-        per_partition = group_lag(settings, group, [settings.topic(t) for t in group_topics])
-        lag[group] = sum(per_partition.values())
+    """Topic ends, group lag, the analytics snapshot and the services' state.
+
+    Raises OrderMeshError (KafkaUnavailableError when nothing answers) for a Kafka error,
+    which while the broker or a group coordinator warms up is transient.
+    """
+    with kafka_errors(settings):
+        topics = {
+            name: sum(high for _low, high in end_offsets(settings, settings.topic(name)).values())
+            for name in (ORDERS, EVENTS, DLQ, COMMANDS)
+        }
+        lag = {}
+        for group, group_topics in GROUP_TOPICS.items():
+            per_partition = group_lag(settings, group, [settings.topic(t) for t in group_topics])
+            lag[group] = sum(per_partition.values())
     snapshot = fetch_json(dashboard_url.rstrip("/") + "/snapshot") if dashboard_url else None
     services = {}
     if supervisor is not None:

@@ -11,6 +11,7 @@ decode``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -24,6 +25,8 @@ from ordermesh.errors import DecodeError
 SCHEMA_VERSION: Final = 1
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 MAX_AMOUNT: Final = 1_000_000_000.0
+# Longest free-text reason of a cancel, on the HTTP path and on ``order-commands`` alike.
+MAX_CANCEL_REASON: Final = 500
 
 # ISO 4217 codes we accept; all are treated as having two decimals ("to the cent").
 CURRENCIES: Final = frozenset(
@@ -134,7 +137,7 @@ OUTCOME_TYPES: Final = ("OrderReserved", "OrderRejected")
 class CancelOrder(msgspec.Struct, frozen=True, tag="CancelOrder", tag_field="type"):
     order_id: OrderId
     requested_at: float
-    reason: str = ""
+    reason: Annotated[str, Meta(max_length=MAX_CANCEL_REASON)] = ""
 
 
 OrderCommand = CancelOrder
@@ -153,11 +156,37 @@ _order_decoder = msgspec.json.Decoder(OrderPlaced)
 _event_decoder: msgspec.json.Decoder[OrderEvent] = msgspec.json.Decoder(OrderEvent)
 _command_decoder = msgspec.json.Decoder(OrderCommand)
 _command_tag_decoder = msgspec.json.Decoder(_CommandTag)
+_fingerprint_encoder = msgspec.msgpack.Encoder()
 
 
 def encode(obj: msgspec.Struct) -> bytes:
     """Encode any wire type as compact UTF-8 JSON."""
     return _encoder.encode(obj)
+
+
+def order_fingerprint(order: OrderPlaced) -> bytes:
+    """16-byte digest of what an order asks for; equal for every copy of the same order.
+
+    Covers the business fields: order_id, customer_id, currency, total and the items
+    sorted (their order on the wire means nothing; each item stays whole, so two lines of
+    one sku are not merged). It hashes a msgpack encoding of the decoded values, not the
+    raw bytes, so any re-encoding of the same order (field order, whitespace, escapes,
+    ``1.50`` vs ``1.5``) matches. Left out on purpose: ``created_at``, which a client or a
+    load run rebuilding the same order sets anew (nothing decided depends on it), and
+    ``schema_version``, which says how the order was written, not what it asks for.
+    """
+    # amounts as integer cents: a validated order holds whole cents, and ints have one
+    # encoding where floats have two zeros
+    items = order.items
+    if len(items) == 1:
+        item = items[0]
+        lines = [(item.sku, item.quantity, round(item.unit_price * 100))]
+    else:
+        lines = sorted((i.sku, i.quantity, round(i.unit_price * 100)) for i in items)
+    canonical = _fingerprint_encoder.encode(
+        (order.order_id, order.customer_id, order.currency, round(order.total * 100), lines)
+    )
+    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 def to_cents(amount: float) -> int | None:

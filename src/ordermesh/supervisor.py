@@ -2,8 +2,10 @@
 
 Each service is ``python -m ordermesh <args>`` with the mesh's settings in its
 environment and its output in ``<data_dir>/logs/<name>.log``. A service that exits on its
-own (a crash) is restarted with a growing back-off; a service stopped on purpose
-(``stop``) stays down until ``start``. Only the PIDs started here are ever signalled.
+own is restarted with a growing back-off (``restart="always"``), or only when it failed
+(``"on-failure"``: a load that finished its count exits 0 and stays done); a service
+stopped on purpose (``stop``) stays down until ``start``. Only the PIDs started here are
+ever signalled.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from ordermesh.config import Settings
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 STOP_DEADLINE_S = 30.0
 MAX_BACKOFF_S = 30.0
 
+Restart = Literal["always", "on-failure", "never"]
+
 
 @dataclass
 class Service:
@@ -33,7 +37,7 @@ class Service:
 
     name: str
     args: list[str]
-    restart: bool = True
+    restart: Restart = "always"
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     wanted: bool = False
@@ -60,7 +64,12 @@ class Supervisor:
         self.services: dict[str, Service] = {}
 
     def add(
-        self, name: str, args: list[str], *, restart: bool = True, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        *,
+        restart: Restart = "always",
+        env: dict[str, str] | None = None,
     ) -> Service:
         service = Service(name, args, restart=restart, env=env or {})
         self.services[name] = service
@@ -139,7 +148,11 @@ class Supervisor:
         for service in self.services.values():
             if not service.wanted or service.running() or service.proc is None:
                 continue
-            if not service.restart:
+            if service.restart == "never":
+                continue
+            if service.restart == "on-failure" and service.proc.returncode == 0:
+                service.wanted = False  # finished its work
+                log.info("%s (pid %d) finished", service.name, service.proc.pid)
                 continue
             if service.next_start == 0.0:
                 code = service.proc.returncode

@@ -1,34 +1,76 @@
-"""``ordermesh verify``: check the system's invariants from the topics and the inventory DB.
+"""``ordermesh verify``: check the system's invariants from the topics and the stores.
 
-Invariants (issue 3):
+Invariants:
+
 - every record of ``orders`` has an outcome in ``order-events`` (valid orders) or a DLQ
   entry pointing at its partition and offset (invalid ones);
+- every record of ``order-commands`` has an effect: for a ``CancelOrder``, an
+  ``OrderCancelled`` or ``CancelRejected`` event of its order; otherwise (an unknown
+  order, an undecodable command) a DLQ entry pointing at it. The effect agrees with the
+  order's outcome: only a reserved order is cancelled, only a rejected one refuses;
 - no order has two different outcomes (a repeated identical copy, which at-least-once
-  delivery allows after a crash, is counted, not an error);
-- per SKU: seeded + restocked == available + reserved, the reserved quantity equals what
-  the RESERVED orders hold in the DB and what the ``OrderReserved`` events (not cancelled)
-  hold; no negative stock.
-- when the tracker DB exists (issue 4): every valid order has a tracker row, and its
-  status is the one the inventory DB decided (RESERVED, REJECTED, CANCELLED; PLACED only
-  while the inventory has not decided it); the tracker holds no order the topics lack.
+  delivery allows after a crash, is counted, not an error); every ``order-events``
+  record decodes;
+- the inventory DB agrees with the topics: every decided order has a row with the same
+  outcome, and the DB holds no order the topics lack;
+- per SKU, over every SKU the DB (stock, orders, seeds and restocks) or the events name:
+  a stock row exists, seeded + restocked == available + reserved, the reserved quantity
+  equals what the RESERVED orders hold in the DB and what the ``OrderReserved`` events
+  (not cancelled) hold; no negative stock;
+- the tracker (unless the caller says the deployment has none): its DB exists, every
+  valid order has a row whose status is the one the inventory DB decided (RESERVED,
+  REJECTED, CANCELLED; PLACED only while the inventory has not decided it); the tracker
+  holds no order the topics lack.
+
+Both stores are opened read-only: a missing store is a violation, never a new empty one.
+
+Pending, not lost: a record at or past its consumer group's committed offset has not
+been processed for good yet, so a check that depends on it counts as ``pending`` rather
+than as a violation. ``ok`` means no violation; ``pending > 0`` means the answer is not
+final yet (the CLI's ``--wait-drained`` waits for the groups first). This holds while the
+services run because of the reading order: committed offsets first, then the stores,
+then the topics. Whatever a group committed was in the stores and on the topics before
+either is read; the stores hold nothing the topics read afterwards lack. The checks
+within the inventory DB (conservation, reserved == held) read it with separate
+statements, so they are exact only once its writers are idle.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
+
+from confluent_kafka import TopicPartition
 
 from ordermesh import schema
 from ordermesh.config import Settings
-from ordermesh.errors import DecodeError
+from ordermesh.errors import DecodeError, OrderMeshError
+from ordermesh.kafka.analytics import GROUP_TOPICS
+from ordermesh.kafka.client import kafka_errors, make_consumer
+from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import read_topic
 from ordermesh.records import ERROR_HEADER_PREFIX, header
 from ordermesh.stores.inventory import InventoryStore, StockRow
 from ordermesh.stores.tracker import TrackerStore
-from ordermesh.topics import DLQ, EVENTS, ORDERS
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 
-MAX_LISTED = 20
+MAX_LISTED: Final = 20
+INVENTORY: Final = "inventory"
+TRACKER: Final = "tracker"
+
+# partition -> first offset a consumer group has not committed on one topic
+Committed = dict[int, int]
+# (group, topic name without prefix) -> its committed offsets
+Progress = dict[tuple[str, str], Committed]
+DbOrders = Mapping[str, tuple[str, tuple[tuple[str, int], ...]]]
+
+
+def _unsettled(done: Committed | None, partition: int, offset: int) -> bool:
+    """Whether the group has not committed this record yet (``None``: it committed all)."""
+    return done is not None and offset >= done.get(partition, 0)
 
 
 @dataclass
@@ -40,11 +82,16 @@ class VerifyReport:
     duplicate_outcomes: int = 0
     duplicate_dlq: int = 0
     dlq_entries: int = 0
+    commands_records: int = 0
+    cancel_commands: int = 0
     cancelled: int = 0
     tracker_checked: bool = False
     tracker_orders: int = 0
     tracker_missing: int = 0
     tracker_mismatches: int = 0
+    # checks that wait on records their consumer group has not committed yet
+    pending: int = 0
+    pending_counts: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     violation_counts: Counter[str] = field(default_factory=Counter)
 
@@ -57,9 +104,18 @@ class VerifyReport:
         if len(self.violations) < MAX_LISTED:
             self.violations.append(f"{kind}: {detail}")
 
+    def judge(self, kind: str, detail: str, *, pending: bool) -> None:
+        """A violation, or (when it depends on unprocessed records) a pending check."""
+        if pending:
+            self.pending += 1
+            self.pending_counts[kind] += 1
+        else:
+            self.violate(kind, detail)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "ok": self.ok,
+            "pending": self.pending,
             "orders_records": self.orders_records,
             "valid_orders": self.valid_orders,
             "invalid_records": self.invalid_records,
@@ -67,11 +123,14 @@ class VerifyReport:
             "duplicate_outcomes": self.duplicate_outcomes,
             "dlq_entries": self.dlq_entries,
             "duplicate_dlq": self.duplicate_dlq,
+            "commands_records": self.commands_records,
+            "cancel_commands": self.cancel_commands,
             "cancelled": self.cancelled,
             "tracker_checked": self.tracker_checked,
             "tracker_orders": self.tracker_orders,
             "tracker_missing": self.tracker_missing,
             "tracker_mismatches": self.tracker_mismatches,
+            "pending_counts": dict(self.pending_counts),
             "violation_counts": dict(self.violation_counts),
             "violations": self.violations,
         }
@@ -89,13 +148,70 @@ class Observed:
     outcomes: dict[str, Counter[bytes]] = field(default_factory=lambda: defaultdict(Counter))
     reserved_items: dict[str, tuple[schema.ItemQty, ...]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
-    # (partition, offset) of orders-records that have DLQ entries -> count
+    cancel_rejected: set[str] = field(default_factory=set)
+    released_skus: set[str] = field(default_factory=set)
+    # (partition, offset) of order-events records that do not decode
+    undecodable_events: list[tuple[int, int]] = field(default_factory=list)
+    commands: int = 0
+    # (order_id, partition, offset) of every CancelOrder on order-commands
+    cancels: list[tuple[str, int, int]] = field(default_factory=list)
+    invalid_commands: set[tuple[int, int]] = field(default_factory=set)
+    # (partition, offset) of records that have DLQ entries -> count, per source topic
     dlq_sources: Counter[tuple[int, int]] = field(default_factory=Counter)
+    dlq_command_sources: Counter[tuple[int, int]] = field(default_factory=Counter)
     dlq_entries: int = 0
+    # what the groups had committed before the topics were read; None: everything
+    inventory_orders_done: Committed | None = None
+    inventory_commands_done: Committed | None = None
+    tracker_orders_done: Committed | None = None
+    # order ids with an event the tracker has not committed
+    tracker_unsettled: set[str] = field(default_factory=set)
+    # skus of orders records the inventory has not committed
+    unsettled_skus: set[str] = field(default_factory=set)
 
 
-def observe(settings: Settings) -> Observed:
-    obs = Observed()
+def read_progress(settings: Settings, groups: Iterable[str]) -> Progress:
+    """Committed offsets of ``groups`` on the topics they consume (0 where none)."""
+    progress: Progress = {}
+    for group in groups:
+        # the group's own id so committed() reads its offsets; never subscribes or commits
+        consumer = make_consumer(settings, group)
+        try:
+            wanted: list[TopicPartition] = []
+            names: dict[str, str] = {}
+            for name in GROUP_TOPICS[group]:
+                topic = settings.topic(name)
+                names[topic] = name
+                meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+                if meta is None or meta.error is not None:
+                    raise OrderMeshError(f"topic {topic} not found")
+                wanted += [TopicPartition(topic, p) for p in meta.partitions]
+                progress[(group, name)] = {}
+            for tp in consumer.committed(wanted, timeout=10):
+                if tp.error is not None:
+                    raise OrderMeshError(f"group {group}: committed offset of {tp}: {tp.error}")
+                # nothing committed yet (a negative sentinel): every record is pending
+                progress[(group, names[tp.topic])][tp.partition] = max(0, tp.offset)
+        finally:
+            consumer.close()
+    return progress
+
+
+def observe(settings: Settings, progress: Progress | None = None) -> Observed:
+    """Read ``orders``, ``order-commands``, ``order-events`` and the DLQ once each.
+
+    ``progress`` (read before) tells which records are not processed yet; without it,
+    every record counts as processed.
+    """
+    progress = progress or {}
+    obs = Observed(
+        inventory_orders_done=progress.get((INVENTORY, ORDERS)),
+        inventory_commands_done=progress.get((INVENTORY, COMMANDS)),
+        tracker_orders_done=progress.get((TRACKER, ORDERS)),
+    )
+    inventory_done = obs.inventory_orders_done
+    tracker_events_done = progress.get((TRACKER, EVENTS))
+
     orders_topic = settings.topic(ORDERS)
     for rec in read_topic(settings, orders_topic):
         obs.records += 1
@@ -105,11 +221,27 @@ def observe(settings: Settings) -> Observed:
             obs.invalid.add((rec.partition, rec.offset))
             continue
         obs.valid_orders.setdefault(order.order_id, (rec.partition, rec.offset))
+        if _unsettled(inventory_done, rec.partition, rec.offset):
+            obs.unsettled_skus.update(item.sku for item in order.items)
+
+    commands_topic = settings.topic(COMMANDS)
+    for rec in read_topic(settings, commands_topic):
+        obs.commands += 1
+        try:
+            command = schema.decode_command(rec.value)
+        except DecodeError:
+            obs.invalid_commands.add((rec.partition, rec.offset))
+            continue
+        obs.cancels.append((command.order_id, rec.partition, rec.offset))
+
     for rec in read_topic(settings, settings.topic(EVENTS)):
         try:
             event = schema.decode_event(rec.value)
         except DecodeError:
+            obs.undecodable_events.append((rec.partition, rec.offset))
             continue
+        if _unsettled(tracker_events_done, rec.partition, rec.offset):
+            obs.tracker_unsettled.add(event.order_id)
         if isinstance(event, schema.OrderReserved | schema.OrderRejected):
             assert rec.value is not None
             obs.outcomes[event.order_id][rec.value] += 1
@@ -117,100 +249,221 @@ def observe(settings: Settings) -> Observed:
                 obs.reserved_items[event.order_id] = event.items
         elif isinstance(event, schema.OrderCancelled):
             obs.cancelled.add(event.order_id)
+        elif isinstance(event, schema.CancelRejected):
+            obs.cancel_rejected.add(event.order_id)
+        else:
+            obs.released_skus.update(item.sku for item in event.items)
+
+    from_orders, from_commands = orders_topic.encode(), commands_topic.encode()
     for rec in read_topic(settings, settings.topic(DLQ)):
         obs.dlq_entries += 1
         src = header(rec.headers, ERROR_HEADER_PREFIX + "topic")
-        if src is None or src.decode(errors="replace") != orders_topic:
+        if src == from_orders:
+            sources = obs.dlq_sources
+        elif src == from_commands:
+            sources = obs.dlq_command_sources
+        else:
             continue
         try:
             part = int(header(rec.headers, ERROR_HEADER_PREFIX + "partition") or b"")
             off = int(header(rec.headers, ERROR_HEADER_PREFIX + "offset") or b"")
         except ValueError:
             continue
-        obs.dlq_sources[(part, off)] += 1
+        sources[(part, off)] += 1
     return obs
+
+
+def _outcome_label(outcome: schema.OrderEvent) -> str:
+    if isinstance(outcome, schema.OrderRejected):
+        return f"OrderRejected.{outcome.reason}"
+    return type(outcome).__name__
+
+
+def check_topics(report: VerifyReport, obs: Observed) -> None:
+    """Pure checks of the topics against each other, added to ``report``."""
+    report.orders_records = obs.records
+    report.valid_orders = len(obs.valid_orders)
+    report.invalid_records = len(obs.invalid)
+    report.dlq_entries = obs.dlq_entries
+    report.commands_records = obs.commands
+    report.cancel_commands = len(obs.cancels)
+    report.cancelled = len(obs.cancelled)
+    inventory_done = obs.inventory_orders_done
+    for order_id, (part, off) in obs.valid_orders.items():
+        copies = obs.outcomes.get(order_id)
+        if not copies:
+            report.judge(
+                "lost",
+                f"order {order_id} (orders[{part}]@{off}) has no outcome event",
+                pending=_unsettled(inventory_done, part, off),
+            )
+            continue
+        if len(copies) > 1:
+            report.violate("conflicting_outcomes", f"order {order_id} has {len(copies)} outcomes")
+        report.duplicate_outcomes += sum(copies.values()) - 1
+        report.outcomes[_outcome_label(schema.decode_event(next(iter(copies))))] += 1
+    for where in sorted(obs.invalid):
+        count = obs.dlq_sources.get(where, 0)
+        if count == 0:
+            report.judge(
+                "invalid_not_in_dlq",
+                f"orders[{where[0]}]@{where[1]} has no DLQ entry",
+                pending=_unsettled(inventory_done, *where),
+            )
+        report.duplicate_dlq += max(0, count - 1)
+
+    commands_done = obs.inventory_commands_done
+    for where in sorted(obs.invalid_commands):
+        if not obs.dlq_command_sources.get(where):
+            report.judge(
+                "invalid_command_not_in_dlq",
+                f"order-commands[{where[0]}]@{where[1]} does not decode and has no DLQ entry",
+                pending=_unsettled(commands_done, *where),
+            )
+    for order_id, part, off in obs.cancels:
+        if (
+            order_id not in obs.cancelled
+            and order_id not in obs.cancel_rejected
+            and not obs.dlq_command_sources.get((part, off))
+        ):
+            report.judge(
+                "cancel_without_effect",
+                f"cancel of order {order_id} (order-commands[{part}]@{off}) has neither an"
+                " OrderCancelled/CancelRejected event nor a DLQ entry",
+                pending=_unsettled(commands_done, part, off),
+            )
+    # an effect the order's outcome rules out: only RESERVED orders are cancelled, and
+    # only REJECTED ones refuse a cancel. The outcome may still be missing while its
+    # order is being redelivered (a crash between the DB commit and the produce).
+    for order_id in obs.cancelled | obs.cancel_rejected:
+        placed = obs.valid_orders.get(order_id)
+        pending = placed is not None and _unsettled(inventory_done, *placed)
+        if order_id in obs.cancelled and order_id not in obs.reserved_items:
+            report.judge(
+                "cancel_conflicts_outcome",
+                f"order {order_id} was cancelled but never reserved",
+                pending=pending,
+            )
+        if order_id in obs.cancel_rejected and not any(
+            isinstance(schema.decode_event(copy), schema.OrderRejected)
+            for copy in obs.outcomes.get(order_id, ())
+        ):
+            report.judge(
+                "cancel_conflicts_outcome",
+                f"order {order_id} refused a cancel (CancelRejected) but was not rejected",
+                pending=pending,
+            )
+    for part, off in obs.undecodable_events:
+        report.violate("undecodable_event", f"order-events[{part}]@{off} does not decode")
+
+
+def check_inventory_db(
+    report: VerifyReport,
+    obs: Observed,
+    stock: list[StockRow],
+    movements: Mapping[str, int],
+    db_orders: DbOrders,
+) -> None:
+    """Pure checks of the inventory DB contents against the topics, added to ``report``."""
+    inventory_done = obs.inventory_orders_done
+    for order_id, (part, off) in obs.valid_orders.items():
+        copies = obs.outcomes.get(order_id)
+        if not copies:
+            continue  # judged as lost (or pending) by check_topics
+        decided = db_orders.get(order_id)
+        if decided is None:
+            report.judge(
+                "outcome_not_in_db",
+                f"order {order_id} has an outcome event but no inventory DB row",
+                pending=_unsettled(inventory_done, part, off),
+            )
+            continue
+        # reserved_items holds exactly the orders with an OrderReserved outcome: no
+        # second decode per order (two different outcomes are reported as a conflict)
+        event_reserved = order_id in obs.reserved_items
+        if (decided[0] != "REJECTED") != event_reserved:  # CANCELLED was RESERVED first
+            report.violate(
+                "db_outcome_mismatch",
+                f"order {order_id}: DB says {decided[0]}, the event is "
+                + ("OrderReserved" if event_reserved else "OrderRejected"),
+            )
+
+    held_db: Counter[str] = Counter()
+    db_skus: set[str] = set(movements)
+    for order_id, (status, items) in db_orders.items():
+        # a REJECTED order keeps its items as placed, unknown skus included
+        if status != "REJECTED":
+            for sku, qty in items:
+                db_skus.add(sku)
+                if status == "RESERVED":
+                    held_db[sku] += qty
+        if order_id not in obs.valid_orders and order_id not in obs.outcomes:
+            report.violate("unknown_db_order", f"DB has order {order_id} not seen on the topics")
+    held_events: Counter[str] = Counter()
+    event_skus: set[str] = set(obs.released_skus)
+    for order_id, reserved in obs.reserved_items.items():
+        cancelled = order_id in obs.cancelled
+        for item in reserved:
+            event_skus.add(item.sku)
+            if not cancelled:
+                held_events[item.sku] += item.quantity
+
+    # skus whose events may lag the DB: touched by records the inventory has not committed
+    unsettled = set(obs.unsettled_skus)
+    commands_done = obs.inventory_commands_done
+    for order_id, part, off in obs.cancels:
+        if _unsettled(commands_done, part, off):
+            decided = db_orders.get(order_id)
+            unsettled.update(sku for sku, _ in (decided[1] if decided else ()))
+            unsettled.update(item.sku for item in obs.reserved_items.get(order_id, ()))
+
+    rows = {row.sku: row for row in stock}
+    for sku in sorted(rows.keys() | db_skus | event_skus):
+        row = rows.get(sku)
+        if row is None:
+            # stock rows are never deleted and every reservation needs one
+            report.judge(
+                "sku_missing_from_db",
+                f"{sku} is named by the DB or the events but has no stock row",
+                pending=sku not in db_skus and sku in unsettled,
+            )
+            continue
+        if row.available < 0 or row.reserved < 0:
+            report.violate("negative_stock", f"{sku}: {row.available}/{row.reserved}")
+        entered = movements.get(sku, 0)
+        if entered != row.available + row.reserved:
+            report.violate(
+                "stock_not_conserved",
+                f"{sku}: entered {entered} != available {row.available} + reserved {row.reserved}",
+            )
+        if held_db.get(sku, 0) != row.reserved:
+            report.violate(
+                "reserved_mismatch_db",
+                f"{sku}: reserved {row.reserved} != held by RESERVED orders {held_db.get(sku, 0)}",
+            )
+        if held_events.get(sku, 0) != row.reserved:
+            report.judge(
+                "reserved_mismatch_events",
+                f"{sku}: reserved {row.reserved} != held by OrderReserved events "
+                f"{held_events.get(sku, 0)}",
+                pending=sku in unsettled,
+            )
 
 
 def check(
     obs: Observed,
     stock: list[StockRow],
-    movements: dict[str, int],
-    db_orders: Mapping[str, tuple[str, tuple[tuple[str, int], ...]]],
+    movements: Mapping[str, int],
+    db_orders: DbOrders,
 ) -> VerifyReport:
     """Pure invariant checks over observed topics and the inventory DB contents."""
-    report = VerifyReport(
-        orders_records=obs.records,
-        valid_orders=len(obs.valid_orders),
-        invalid_records=len(obs.invalid),
-        dlq_entries=obs.dlq_entries,
-        cancelled=len(obs.cancelled),
-    )
-    for order_id in obs.valid_orders:
-        copies = obs.outcomes.get(order_id)
-        if not copies:
-            report.violate("lost", f"order {order_id} has no outcome event")
-            continue
-        if len(copies) > 1:
-            report.violate("conflicting_outcomes", f"order {order_id} has {len(copies)} outcomes")
-        report.duplicate_outcomes += sum(copies.values()) - 1
-        first = next(iter(copies))
-        kind = schema.decode_event(first)
-        label = (
-            f"OrderRejected.{kind.reason}"
-            if isinstance(kind, schema.OrderRejected)
-            else type(kind).__name__
-        )
-        report.outcomes[label] += 1
-    for where in sorted(obs.invalid):
-        count = obs.dlq_sources.get(where, 0)
-        if count == 0:
-            report.violate("invalid_not_in_dlq", f"orders[{where[0]}]@{where[1]} has no DLQ entry")
-        report.duplicate_dlq += max(0, count - 1)
-
-    # stock conservation
-    held_db: Counter[str] = Counter()
-    for order_id, (status, items) in db_orders.items():
-        if status == "RESERVED":
-            for sku, qty in items:
-                held_db[sku] += qty
-        if order_id not in obs.valid_orders and order_id not in obs.outcomes:
-            report.violate("unknown_db_order", f"DB has order {order_id} not seen on the topics")
-    held_events: Counter[str] = Counter()
-    for order_id, reserved in obs.reserved_items.items():
-        if order_id in obs.cancelled:
-            continue
-        for item in reserved:
-            held_events[item.sku] += item.quantity
-    for row in stock:
-        if row.available < 0 or row.reserved < 0:
-            report.violate("negative_stock", f"{row.sku}: {row.available}/{row.reserved}")
-        entered = movements.get(row.sku, 0)
-        if entered != row.available + row.reserved:
-            report.violate(
-                "stock_not_conserved",
-                f"{row.sku}: entered {entered} != available {row.available} "
-                f"+ reserved {row.reserved}",
-            )
-        if held_db.get(row.sku, 0) != row.reserved:
-            report.violate(
-                "reserved_mismatch_db",
-                f"{row.sku}: reserved {row.reserved} != held by RESERVED orders "
-                f"{held_db.get(row.sku, 0)}",
-            )
-        if held_events.get(row.sku, 0) != row.reserved:
-            report.violate(
-                "reserved_mismatch_events",
-                f"{row.sku}: reserved {row.reserved} != held by OrderReserved events "
-                f"{held_events.get(row.sku, 0)}",
-            )
+    report = VerifyReport()
+    check_topics(report, obs)
+    check_inventory_db(report, obs, stock, movements, db_orders)
     return report
 
 
-def _expected_tracker_status(
-    order_id: str,
-    obs: Observed,
-    db_orders: Mapping[str, tuple[str, tuple[tuple[str, int], ...]]],
-) -> str:
+def _expected_tracker_status(order_id: str, obs: Observed, db_orders: DbOrders) -> str:
     """The status the tracker must show: the inventory DB's decision, else the topics'."""
     decided = db_orders.get(order_id)
     if decided is not None:
@@ -227,45 +480,108 @@ def _expected_tracker_status(
 def check_tracker(
     report: VerifyReport,
     obs: Observed,
-    db_orders: Mapping[str, tuple[str, tuple[tuple[str, int], ...]]],
+    db_orders: DbOrders,
     tracker: Mapping[str, str],
 ) -> None:
     """Pure tracker checks (order_id -> tracker status), added to ``report``."""
     report.tracker_checked = True
     report.tracker_orders = len(tracker)
-    for order_id in obs.valid_orders:
+    # the tracker may lag its inputs, and the inventory DB may be ahead of the events
+    # for records the inventory has not committed (decided, events not yet produced)
+    unsettled = set(obs.tracker_unsettled)
+    commands_done = obs.inventory_commands_done
+    unsettled.update(order_id for order_id, p, o in obs.cancels if _unsettled(commands_done, p, o))
+    for order_id, (part, off) in obs.valid_orders.items():
         status = tracker.get(order_id)
         if status is None:
-            report.tracker_missing += 1
-            report.violate("tracker_missing", f"order {order_id} is not in the tracker")
+            pending = _unsettled(obs.tracker_orders_done, part, off)
+            if not pending:
+                report.tracker_missing += 1
+            report.judge(
+                "tracker_missing", f"order {order_id} is not in the tracker", pending=pending
+            )
             continue
         expected = _expected_tracker_status(order_id, obs, db_orders)
         if status != expected:
-            report.tracker_mismatches += 1
-            report.violate(
+            pending = order_id in unsettled or _unsettled(obs.inventory_orders_done, part, off)
+            if not pending:
+                report.tracker_mismatches += 1
+            report.judge(
                 "tracker_status_mismatch",
                 f"order {order_id}: tracker says {status}, inventory says {expected}",
+                pending=pending,
             )
     for order_id in tracker.keys() - obs.valid_orders.keys():
         report.violate("tracker_unknown_order", f"tracker has order {order_id} not on the topics")
 
 
-def verify(settings: Settings) -> VerifyReport:
-    obs = observe(settings)
-    store = InventoryStore(settings.inventory_db_path())
+def _read_inventory(settings: Settings) -> tuple[list[StockRow], dict[str, int], DbOrders]:
+    store = InventoryStore(settings.inventory_db_path(), readonly=True)
     try:
         stock = store.stock()
         movements = store.movements_total()
         db_orders = {k: (v.status, v.items) for k, v in store.order_outcomes().items()}
     finally:
         store.close()
-    report = check(obs, stock, movements, db_orders)
-    tracker_db = settings.tracker_db_path()
-    if tracker_db.exists():
-        tracker = TrackerStore(tracker_db, readonly=True)
-        try:
-            statuses = tracker.statuses()
-        finally:
-            tracker.close()
-        check_tracker(report, obs, db_orders, statuses)
+    return stock, movements, db_orders
+
+
+def _read_tracker(settings: Settings) -> dict[str, str]:
+    store = TrackerStore(settings.tracker_db_path(), readonly=True)
+    try:
+        return dict(store.statuses())
+    finally:
+        store.close()
+
+
+def consuming_groups(*, check_tracker: bool = True) -> list[str]:
+    """The consumer groups whose work verify checks."""
+    return [INVENTORY, TRACKER] if check_tracker else [INVENTORY]
+
+
+# verify()'s parameter shadows the function of the same name
+_check_tracker = check_tracker
+
+
+def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
+    """Check every invariant; ``check_tracker=False`` when the deployment has no tracker."""
+    with kafka_errors(settings):
+        # order matters, see the module docstring: offsets, then stores, then topics
+        progress = read_progress(settings, consuming_groups(check_tracker=check_tracker))
+        inventory_path = settings.inventory_db_path()
+        inventory = _read_inventory(settings) if inventory_path.exists() else None
+        tracker_path = settings.tracker_db_path()
+        tracker = _read_tracker(settings) if check_tracker and tracker_path.exists() else None
+        obs = observe(settings, progress)
+
+    report = VerifyReport()
+    check_topics(report, obs)
+    if inventory is None:
+        report.violate("inventory_store_missing", f"no inventory database at {inventory_path}")
+        db_orders: DbOrders = {}
+    else:
+        stock, movements, db_orders = inventory
+        check_inventory_db(report, obs, stock, movements, db_orders)
+    if check_tracker:
+        if tracker is None:
+            report.violate("tracker_store_missing", f"no tracker database at {tracker_path}")
+        else:
+            _check_tracker(report, obs, db_orders, tracker)
     return report
+
+
+def wait_drained(settings: Settings, groups: Iterable[str], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``groups`` to have no lag; whether they got there."""
+    deadline = time.monotonic() + timeout_s
+    wanted = list(groups)
+    with kafka_errors(settings):
+        while True:
+            lag = sum(
+                sum(group_lag(settings, g, [settings.topic(t) for t in GROUP_TOPICS[g]]).values())
+                for g in wanted
+            )
+            if lag == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)

@@ -12,6 +12,7 @@ from ordermesh.broker.local import LocalCluster
 from ordermesh.config import Settings
 from ordermesh.kafka.client import make_admin, make_consumer, make_producer
 from ordermesh.topics import ensure_topics
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -37,6 +38,13 @@ def _produce(
             producer.poll(0)  # type: ignore[attr-defined]
 
 
+def _leader(settings: Settings, topic: str, partition: int) -> int | None:
+    """The leader of a partition, None while a new topic's metadata is still spreading."""
+    parts = make_admin(settings).list_topics(topic, timeout=10).topics[topic].partitions
+    meta = parts.get(partition)
+    return meta.leader if meta is not None and meta.leader >= 0 else None
+
+
 def test_rf3_survives_sigkill_of_one_broker(kafka_cluster3: LocalCluster) -> None:
     state = kafka_cluster3.load_state()
     assert state is not None
@@ -53,8 +61,7 @@ def test_rf3_survives_sigkill_of_one_broker(kafka_cluster3: LocalCluster) -> Non
     _produce(producer, topic, 0, 20_000, acked, failed)
 
     # kill the leader of partition 0 mid-stream, while records are still in flight
-    md = make_admin(settings).list_topics(topic, timeout=10)
-    victim = md.topics[topic].partitions[0].leader
+    victim = wait_for(lambda: _leader(settings, topic, 0), 30, f"a leader of {topic}[0]")
     kafka_cluster3.kill_node(victim, signal.SIGKILL)
     _produce(producer, topic, 20_000, 20_000, acked, failed)
     assert producer.flush(120) == 0

@@ -115,7 +115,7 @@ def run_pipeline(
     # unknown ids are dead-lettered
     cancel(settings, [f"ord-21-{n:09d}" for n in range(1, 400, 9)] + ["ord-21-999999999"])
     wait_for(lambda: inventory_drained(settings), 60, "the inventory to drain its topics")
-    report = verify(settings)
+    report = verify(settings, check_tracker=False)
     assert report.ok, report.violations
     return report
 

@@ -245,6 +245,7 @@ def test_idempotency_key_replay_and_conflict(stack: Stack) -> None:
     other = body((sku_name(4), 2, 5.0), customer="cust-idem")
     conflict = client.post("/orders", json=other, headers={"Idempotency-Key": key})
     assert "idempotency" in assert_problem(conflict, 409)["type"]
+    assert order_id not in conflict.text  # the key's order may be another caller's
 
     wait_status(client, order_id, "RESERVED")
     records = [
@@ -377,7 +378,7 @@ def test_bad_input_answers_4xx_problems(stack: Stack) -> None:
     assert len(list(read_topic(stack.settings, stack.settings.topic(ORDERS)))) == 1
 
 
-def test_api_keys_guard_post_endpoints(settings_factory: SettingsFactory) -> None:
+def test_api_keys_guard_every_orders_endpoint(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(api_keys="key-one, key-two")
     TrackerStore(settings.tracker_db_path()).close()  # an empty tracker DB: reads answer
     payload = body((sku_name(1), 1, 1.0))
@@ -394,10 +395,14 @@ def test_api_keys_guard_post_endpoints(settings_factory: SettingsFactory) -> Non
         assert_problem(client.post("/orders/ord-x/cancel"), 401)
         place(client, payload, **{"X-API-Key": "key-one"})
         place(client, payload, Authorization="Bearer key-two")
-        # reads stay open
-        assert client.get("/orders").json() == {"orders": [], "next_cursor": None}
+        # reads need a key too; the OpenAPI document stays open
+        assert_problem(client.get("/orders"), 401)
+        assert_problem(client.get("/orders/ord-x"), 401)
+        listed = client.get("/orders", headers={"X-API-Key": "key-one"})
+        assert listed.json() == {"orders": [], "next_cursor": None}
         doc = client.get("/openapi.json").json()
         assert doc["paths"]["/orders"]["post"]["security"]
+        assert doc["paths"]["/orders"]["get"]["security"]
         assert "apiKey" in doc["components"]["securitySchemes"]
     records = list(read_topic(settings, settings.topic(ORDERS)))
     assert len(records) == 2

@@ -63,7 +63,7 @@ def test_20k_orders_with_malformed_no_faults(settings: Settings) -> None:
     store.close()
     assert drained(settings)
 
-    report = verify(settings)
+    report = verify(settings, check_tracker=False)
     assert report.ok, report.violations
     assert report.orders_records == 20_000
     assert report.invalid_records == summary.malformed_sent
@@ -139,7 +139,7 @@ def test_two_instances_with_rebalance_mid_stream(
     assert "revoked" in first.log_text()  # the rebalance really moved partitions away
     assert _records_in(first) > 0 and _records_in(second) > 0
 
-    report = verify(settings)
+    report = verify(settings, check_tracker=False)
     assert report.ok, report.violations
     assert report.orders_records == 24_000
     store = InventoryStore(settings.inventory_db_path())
@@ -157,4 +157,4 @@ def test_sigterm_finishes_batch_commits_and_exits_zero(
     proc.signal(signal.SIGTERM)
     assert proc.wait(60) == 0, proc.log_text()[-3000:]
     assert "stopped after" in proc.log_text()
-    assert verify(settings).ok
+    assert verify(settings, check_tracker=False).ok

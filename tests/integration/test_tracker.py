@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+import msgspec
+
 from ordermesh import schema
 from ordermesh.config import Settings
 from ordermesh.kafka.apps import inventory_runner, tracker_runner
@@ -159,3 +161,54 @@ def test_events_read_before_their_orders_wait_in_pending(settings: Settings) -> 
     report = verify(settings)
     assert report.ok, report.violations
     assert report.tracker_orders == report.valid_orders == valid
+
+
+def test_reused_order_id_with_another_body_is_dead_lettered_once(settings: Settings) -> None:
+    seed(settings, skus=3, stock=10)
+    first = schema.OrderPlaced(
+        order_id="ord-reused",
+        customer_id="cust-1",
+        items=(schema.OrderItem("SKU-00001", 2, 1.5),),
+        currency="USD",
+        total=3.0,
+        created_at=schema.now(),
+    )
+    other = msgspec.structs.replace(
+        first, customer_id="cust-2", items=(schema.OrderItem("SKU-00002", 1, 4.0),), total=4.0
+    )
+    redelivered = msgspec.structs.replace(first, created_at=first.created_at + 60)
+
+    def run_both() -> None:
+        with InventoryStore(settings.inventory_db_path()) as inv:
+            inventory_runner(settings, inv).run(idle_exit_s=2.0)
+        with TrackerStore(settings.tracker_db_path()) as store:
+            tracker_runner(settings, store).run(idle_exit_s=2.0)
+
+    producer = make_producer(settings)
+    producer.produce(settings.topic(ORDERS), schema.encode(first), b"key-a")
+    assert producer.flush(30) == 0
+    run_both()
+    # the same id again under other keys (other partitions): another body, and a copy of
+    # the first one built anew
+    producer.produce(settings.topic(ORDERS), schema.encode(other), b"key-b")
+    producer.produce(settings.topic(ORDERS), schema.encode(redelivered), b"key-c")
+    assert producer.flush(30) == 0
+    run_both()
+
+    dlq = list(read_topic(settings, settings.topic(DLQ)))
+    assert [header(r.headers, ERROR_HEADER_PREFIX + "class") for r in dlq] == [b"DuplicateOrderId"]
+    assert dlq[0].value == schema.encode(other)
+    outcomes = [
+        r.value for r in read_topic(settings, settings.topic(EVENTS)) if r.key == b"ord-reused"
+    ]
+    assert len(outcomes) == 2 and outcomes[0] == outcomes[1]  # the redelivery's re-emit
+    with InventoryStore(settings.inventory_db_path()) as inv:
+        assert {row.sku: row.reserved for row in inv.stock()} == {
+            "SKU-00001": 2,
+            "SKU-00002": 0,
+            "SKU-00003": 0,
+        }
+    with TrackerStore(settings.tracker_db_path()) as store:
+        view = store.get_order("ord-reused")
+    assert view is not None and view.status == "RESERVED"
+    assert (view.customer_id, [i.sku for i in view.items]) == ("cust-1", ["SKU-00001"])

@@ -19,6 +19,7 @@ from ordermesh.records import (
     OutRecord,
     dead_letter,
     header,
+    truncated_dead_letter,
 )
 from ordermesh.schema import CancelOrder, OrderItem, OrderPlaced
 from ordermesh.services.dlq import (
@@ -265,6 +266,69 @@ def test_replay_record_keeps_original_and_counts() -> None:
         (REPLAY_FROM_HEADER, b"orders-dlq[2]@40"),
     ]
     assert not any(name.startswith(ERROR_HEADER_PREFIX) for name, _ in out.headers or [])
+
+
+def test_refuses_a_truncated_copy() -> None:
+    rec = source(ORDERS, b"x" * 5000, b"o-9")
+    out = truncated_dead_letter(
+        dead_letter(
+            rec,
+            dlq_topic=DLQ,
+            service="inventory",
+            stage="produce",
+            error_class="MSG_SIZE_TOO_LARGE",
+            message="too large",
+        )
+    )
+    entry = parse_entry(consumed(out))
+    plan = plan_replay([entry], reasons=["MSG_SIZE_TOO_LARGE"], max_replays=3)
+    assert plan.replays == []
+    (refusal,) = plan.refused
+    assert refusal.why.startswith("truncated copy")
+
+
+def test_replay_goes_only_to_topics_ordermesh_consumes() -> None:
+    mine = [dlq_entry(topic=t, offset=i) for i, t in enumerate((ORDERS, COMMANDS, EVENTS))]
+    foreign = [
+        dlq_entry(topic=t, offset=10 + i)
+        for i, t in enumerate(("payments", DLQ, "t2-orders", "orders-archive"))
+    ]
+    plan = plan_replay([*mine, *foreign], reasons=["DecodeError"], max_replays=3)
+
+    assert [item.record.topic for item in plan.replays] == [ORDERS, COMMANDS, EVENTS]
+    assert plan.refused == []
+    assert [skip.entry.source_topic for skip in plan.skipped] == [
+        "payments",
+        DLQ,
+        "t2-orders",
+        "orders-archive",
+    ]
+    assert "'payments' is not one OrderMesh consumes" in plan.skipped[0].why
+    assert plan.matched == 7
+
+
+def test_replay_topics_follow_the_dlq_topic_prefix() -> None:
+    def entry_of(dlq_topic: str, topic: str) -> DlqEntry:
+        out = dead_letter(
+            source(topic, b"{bad", b"o-1"),
+            dlq_topic=dlq_topic,
+            service="inventory",
+            stage="decode",
+            error_class="DecodeError.json",
+            message="bad",
+        )
+        return parse_entry(consumed(out))
+
+    prefixed = [entry_of("t1-orders-dlq", "t1-orders"), entry_of("t1-orders-dlq", "orders")]
+    plan = plan_replay(prefixed, reasons=["DecodeError"], max_replays=3)
+    assert [item.record.topic for item in plan.replays] == ["t1-orders"]
+    assert [skip.entry.source_topic for skip in plan.skipped] == ["orders"]
+
+    # a DLQ topic not named <prefix>orders-dlq allows nothing unless told what
+    odd = [entry_of("odd-dlq", ORDERS)]
+    assert plan_replay(odd, reasons=["DecodeError"], max_replays=3).replays == []
+    told = plan_replay(odd, reasons=["DecodeError"], max_replays=3, allowed_topics={ORDERS})
+    assert [item.record.topic for item in told.replays] == [ORDERS]
 
 
 def test_replay_of_a_replayed_record_replaces_count_and_origin() -> None:

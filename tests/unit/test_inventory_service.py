@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,8 +27,8 @@ from ordermesh.schema import (
     OrderReserved,
     StockReleased,
 )
-from ordermesh.services.inventory import InventoryService
-from ordermesh.stores.inventory import InventoryStore, StockRow
+from ordermesh.services.inventory import DUPLICATE_ORDER_ID, InventoryService
+from ordermesh.stores.inventory import MAX_STOCK, InventoryStore, StockRow
 
 ORDERS = "orders"
 COMMANDS = "order-commands"
@@ -189,9 +190,13 @@ def test_redelivered_batch_reemits_identical_bytes_and_keeps_stock(
     assert [r.value for r in again] == [r.value for r in first]
     assert [r.key for r in again] == [b"o1", b"o2"]
     assert stock_of(store) == stock_before
-    # a changed order under a known id is still a duplicate: the first decision stands
-    changed = service_for(store).handle([placed(order("o1", ("B", 1)))])
-    assert changed[0].value == first[0].value
+    # a re-encoding of the same order (items reordered, another created_at, keys in
+    # another order) is the same order: a redelivery
+    o2 = msgspec.structs.replace(order("o2", ("C", 5)), created_at=777.0)
+    fields = msgspec.to_builtins(o2)
+    reencoded = msgspec.json.encode(dict(reversed(list(fields.items()))))
+    again = service_for(store, now=3000.0).handle([rec(ORDERS, reencoded, b"o2")])
+    assert [r.value for r in again] == [first[1].value]
     assert stock_of(store) == stock_before
 
 
@@ -266,6 +271,60 @@ def test_malformed_input_goes_to_dlq_with_original_bytes(
     assert service.stats.dlq == 5
 
 
+def test_reused_order_id_with_another_body_is_dead_lettered(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    first = order("o1", ("A", 3), ("B", 1))
+    decided = service.handle([placed(first)])
+    stock_before = stock_of(store)
+
+    # another body under the same id, in a later batch and twice within one batch (the
+    # second copy of the batch meets the first's decision, not the store's)
+    other = placed(order("o1", ("C", 1)))
+    twin = placed(order("o1", ("A", 3), ("B", 1), price=9.5))
+    out = service_for(store, now=2000.0).handle([other, twin])
+
+    assert len(out) == 2
+    assert_dead_letter(out[0], other, "place", DUPLICATE_ORDER_ID)
+    assert_dead_letter(out[1], twin, "place", DUPLICATE_ORDER_ID)
+    message = header(out[0].headers, ERROR_HEADER_PREFIX + "message") or b""
+    assert b"'o1'" in message
+    assert stock_of(store) == stock_before
+
+    # the same body (items reordered) is still a redelivery with the recorded bytes
+    same = placed(order("o1", ("B", 1), ("A", 3)))
+    again = service_for(store, now=3000.0).handle([same])
+    assert [r.value for r in again] == [decided[0].value]
+
+    # within one batch too: the first body is decided, the second dead-lettered
+    fresh = service_for(store)
+    out = fresh.handle([placed(order("o9", ("A", 1))), placed(order("o9", ("A", 2)))])
+    assert [r.topic for r in out] == [EVENTS, DLQ]
+    assert stock_of(store)["A"] == (stock_before["A"][0] - 1, stock_before["A"][1] + 1)
+    assert fresh.stats.dlq == 1 and fresh.stats.duplicates == 0
+
+
+def test_restock_command_on_kafka_is_not_a_command(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    # stock enters only through the operator CLI; a restock on order-commands is refused
+    raw = msgspec.json.encode({"type": "Restock", "sku": "A", "quantity": 2**62})
+    record = rec(COMMANDS, raw, b"A")
+    (out,) = service.handle([record])
+    assert_dead_letter(out, record, "decode", "DecodeError.schema")
+    assert stock_of(store)["A"] == (10, 0)
+
+
+def test_cancel_reason_over_the_limit_is_dead_lettered(
+    store: InventoryStore, service: InventoryService
+) -> None:
+    service.handle([placed(order("o1", ("A", 1)))])
+    record = cancel("o1", reason="x" * (schema.MAX_CANCEL_REASON + 1))
+    (out,) = service.handle([record])
+    assert_dead_letter(out, record, "decode", "DecodeError.schema")
+    assert stock_of(store)["A"] == (9, 1)
+
+
 # --- cancellation ---------------------------------------------------------------------
 
 
@@ -282,7 +341,8 @@ def test_cancel_releases_exactly_once(store: InventoryStore, service: InventoryS
     assert stock_of(store) == {"A": (10, 0), "B": (5, 0), "C": (1, 0)}
     assert store.order_outcomes()["o1"].status == "CANCELLED"
 
-    again = service_for(store, now=3000.0).handle([cancel("o1"), placed(order("o1", ("A", 3)))])
+    redelivered = placed(order("o1", ("A", 3), ("B", 5)))
+    again = service_for(store, now=3000.0).handle([cancel("o1"), redelivered])
 
     assert [r.value for r in again[:2]] == [r.value for r in out]
     assert isinstance(events(again[2:])[0], OrderReserved)  # the order's own outcome
@@ -338,6 +398,64 @@ def test_seed_keeps_existing_stock_and_restock_adds(store: InventoryStore) -> No
     assert store.movements_total() == {"A": 15, "B": 5, "C": 1, "D": 7, "NEW": 2}
     with pytest.raises(StoreError):
         store.update_stock([StockRow("A", 1, 1)])
+
+
+def test_restock_and_seed_are_bounded(store: InventoryStore) -> None:
+    # two restocks of 2**62 once overflowed SQLite's integers into a float
+    with pytest.raises(ValueError, match=r"1\.\.1000000000000"):
+        store.restock("A", 2**62)
+    assert store.restock("A", MAX_STOCK - 10) == StockRow("A", MAX_STOCK, 0)
+    with pytest.raises(ValueError, match="exceed the maximum stock"):
+        store.restock("A", 1)
+    # reserved units count too: reserving moves them, it does not make room
+    service_for(store).handle([placed(order("o1", ("A", 5)))])
+    with pytest.raises(ValueError, match="exceed the maximum stock"):
+        store.restock("A", 1)
+    with pytest.raises(ValueError):
+        store.seed({"HUGE": MAX_STOCK + 1})
+    assert store.stock("A") == [StockRow("A", MAX_STOCK - 5, 5)]
+    assert store.stock("HUGE") == []
+    totals = store.movements_total()
+    assert totals["A"] == MAX_STOCK and isinstance(totals["A"], int)
+
+
+_OLD_ORDERS_TABLE = """
+    CREATE TABLE orders (
+        order_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('RESERVED', 'REJECTED', 'CANCELLED')),
+        reason TEXT,
+        items TEXT NOT NULL,
+        outcome BLOB NOT NULL,
+        decided_at REAL NOT NULL,
+        source TEXT
+    )
+"""
+
+
+def test_a_database_without_body_hash_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(_OLD_ORDERS_TABLE)
+        conn.execute(
+            "INSERT INTO orders VALUES ('old', 'REJECTED', 'UNKNOWN_SKU', '[[\"Z\",1]]',"
+            " X'7B7D', 1.0, NULL)"
+        )
+    with InventoryStore(path) as store:
+        store.seed({"A": 10})
+        service = service_for(store)
+        # a legacy row has no fingerprint: any copy is answered as before
+        (legacy,) = service.handle([placed(order("old", ("A", 1)))])
+        assert (legacy.topic, legacy.value) == (EVENTS, b"{}")
+        service.handle([placed(order("new", ("A", 1)))])
+    with InventoryStore(path) as store:  # a second open finds the column in place
+        (dlq,) = service_for(store).handle([placed(order("new", ("A", 2)))])
+        assert dlq.topic == DLQ
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(orders)")]
+        hashes = dict(conn.execute("SELECT order_id, body_hash FROM orders"))
+    assert columns.count("body_hash") == 1
+    assert hashes["old"] is None
+    assert hashes["new"] == schema.order_fingerprint(order("new", ("A", 1)))
     store.update_stock([])  # nothing to write needs no transaction
 
 

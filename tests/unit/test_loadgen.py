@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
+import re
+import signal
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -292,17 +296,27 @@ def fake_producer(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
     return made
 
 
-def test_run_load_needs_count_or_duration() -> None:
-    with pytest.raises(ConfigError):
-        loadgen.run_load(
-            Settings(),
-            count=None,
-            duration=None,
-            rate=None,
-            malformed_ratio=0.0,
-            seed=1,
-            skus=10,
-        )
+def test_run_load_without_limits_runs_until_stopped(fake_producer: list[FakeProducer]) -> None:
+    stop = threading.Event()
+
+    def progress(sent: int) -> None:
+        if sent >= 3000:
+            stop.set()  # what the CLI's SIGTERM/SIGINT handler does
+
+    summary = loadgen.run_load(
+        Settings(),
+        count=None,
+        duration=None,
+        rate=None,
+        malformed_ratio=0.0,
+        seed=1,
+        skus=10,
+        progress=progress,
+        stop=stop,
+    )
+    (producer,) = fake_producer
+    assert summary.sent == len(producer.produced) >= 3000
+    assert summary.acknowledged + summary.failed == summary.sent
 
 
 @pytest.mark.parametrize(
@@ -401,3 +415,52 @@ def test_sequence_does_not_depend_on_the_clock() -> None:
     base = keys(1_795_503_988.0)
     for start in (1.5, 17.25, 99_999.987654321, 1_795_503_988.123456789):
         assert keys(start) == base
+
+
+# --- the `load` command -----------------------------------------------------------------
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
+    from typer.testing import CliRunner
+
+    from ordermesh.cli import app
+
+    # the command maps SIGTERM to Ctrl-C; keep this test process's handler as it is
+    monkeypatch.setattr(signal, "signal", lambda *_args: None)
+    return CliRunner().invoke(app, ["load", "--count", "5", "--skus", "20", *args])
+
+
+def test_load_draws_and_prints_a_seed_unless_given(
+    fake_producer: list[FakeProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = run_cli(monkeypatch)
+    second = run_cli(monkeypatch)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    seeds = []
+    for result in (first, second):
+        match = re.search(r"^seed (\d+) \(rerun with --seed \1\)$", result.output, re.M)
+        assert match, result.output
+        seeds.append(int(match.group(1)))
+    assert seeds[0] != seeds[1]
+    # a plain rerun sends other order ids, so it is not a replay of the first run
+    ids = [{key for _, _, key in producer.produced} for producer in fake_producer]
+    assert ids[0].isdisjoint(ids[1])
+    assert all(
+        key.startswith(f"ord-{seed}-".encode())
+        for seed, run in zip(seeds, ids, strict=True)
+        for key in run
+    )
+
+    # --seed reproduces a run exactly, and --json keeps stdout one JSON document
+    again = run_cli(monkeypatch, "--seed", str(seeds[0]), "--json")
+    assert again.exit_code == 0, again.output
+    assert {key for _, _, key in fake_producer[-1].produced} == ids[0]
+    assert json.loads(again.stdout)["seed"] == seeds[0]
+    assert f"seed {seeds[0]} (rerun with --seed {seeds[0]})" in again.stderr
+
+
+def test_random_seeds_fit_order_ids() -> None:
+    for _ in range(100):
+        seed = loadgen.random_seed()
+        assert 1 <= seed < loadgen.RANDOM_SEED_LIMIT
+        OrderGenerator(seed, skus=5)  # raises if its order ids could pass 64 characters

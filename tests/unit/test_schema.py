@@ -385,12 +385,80 @@ def test_invalid_event_is_rejected(raw: bytes | None, kind: str) -> None:
         pytest.param(dumps({"type": "CancelOrder", "order_id": "", "requested_at": 1.0})),
         pytest.param(dumps({"type": "CancelOrder", "order_id": "o" * 65, "requested_at": 1.0})),
         pytest.param(dumps({"type": "Restock", "order_id": "o", "requested_at": 1.0})),
+        pytest.param(
+            dumps(
+                {"type": "CancelOrder", "order_id": "o", "requested_at": 1.0, "reason": "r" * 501}
+            ),
+            id="reason-too-long",
+        ),
         pytest.param(dumps({"order_id": "o", "requested_at": 1.0}), id="no-type"),
         pytest.param(b'{"type":' * 100_000, id="deep-object-regression"),
     ],
 )
 def test_invalid_command_is_rejected(raw: bytes | None) -> None:
     expect_decode_error(schema.decode_command, raw)
+
+
+def test_cancel_reason_up_to_the_limit_decodes() -> None:
+    raw = schema.encode(CancelOrder("o", 1.0, reason="r" * schema.MAX_CANCEL_REASON))
+    assert schema.decode_command(raw).reason == "r" * 500
+
+
+# --- order fingerprint -----------------------------------------------------------------
+
+
+def test_fingerprint_is_the_same_for_every_encoding_of_one_order() -> None:
+    base = schema.decode_order(dumps(order_dict()))
+    fingerprint = schema.order_fingerprint(base)
+    assert len(fingerprint) == 16
+    data = order_dict(created_at=1.0, schema_version=1)
+    data["items"] = data["items"][::-1]
+    reencoded = json.dumps(dict(reversed(data.items())), indent=3).replace("5.5", "5.50")
+    same = schema.decode_order(reencoded.encode())
+    assert same != base
+    assert schema.order_fingerprint(same) == fingerprint
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"order_id": "ord-2"}, id="order_id"),
+        pytest.param({"customer_id": "cust-2"}, id="customer"),
+        pytest.param({"currency": "EUR"}, id="currency"),
+        pytest.param(
+            {
+                "items": [
+                    {"sku": "SKU-00001", "quantity": 1, "unit_price": 19.99},
+                    {"sku": "SKU-00001", "quantity": 1, "unit_price": 19.99},
+                    {"sku": "SKU-00002", "quantity": 1, "unit_price": 5.5},
+                ]
+            },
+            id="same-sku-on-two-lines",
+        ),
+        pytest.param(
+            {
+                "items": [
+                    {"sku": "SKU-00001", "quantity": 1, "unit_price": 39.98},
+                    {"sku": "SKU-00002", "quantity": 1, "unit_price": 5.5},
+                ]
+            },
+            id="quantity-and-price",
+        ),
+        pytest.param(
+            {
+                "items": [
+                    {"sku": "SKU-00001", "quantity": 2, "unit_price": 19.99},
+                    {"sku": "SKU-00003", "quantity": 1, "unit_price": 5.5},
+                ]
+            },
+            id="sku",
+        ),
+    ],
+)
+def test_fingerprint_differs_for_another_order(change: dict[str, Any]) -> None:
+    base = schema.decode_order(dumps(order_dict()))
+    other = schema.decode_order(dumps(order_dict(**change)))
+    assert schema.order_fingerprint(other) != schema.order_fingerprint(base)
 
 
 # --- properties ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -214,6 +215,58 @@ def test_duplicates_inside_one_batch_count_once(
 
     assert events_of(store.get_order("o1")) == ["OrderPlaced", "OrderReserved"]
     assert service.stats.duplicates == 2
+
+
+def test_reused_order_id_with_another_body_keeps_the_tracked_order(
+    store: TrackerStore, service: TrackerService
+) -> None:
+    first = order("o1")
+    service.handle([placed(first)])
+    before = store.get_order("o1")
+    assert before is not None
+
+    other = msgspec.structs.replace(
+        first, customer_id="c-2", items=(OrderItem("Z", 9, 1.0),), total=9.0
+    )
+    conflicting = service_for(store)
+    assert conflicting.handle([placed(other), placed(other)]) == []  # no second DLQ copy
+    assert (conflicting.stats.conflicts, conflicting.stats.duplicates) == (2, 0)
+
+    assert store.get_order("o1") == before
+    # the same body again, items reordered and created anew, is a plain redelivery
+    same = msgspec.structs.replace(first, items=first.items[::-1], created_at=999.0)
+    again = service_for(store)
+    again.handle([placed(same)])
+    assert (again.stats.duplicates, again.stats.conflicts) == (1, 0)
+
+    within = service_for(store)
+    within.handle([placed(order("o2")), placed(msgspec.structs.replace(other, order_id="o2"))])
+    view = store.get_order("o2")
+    assert view is not None and [i.sku for i in view.items] == ["A", "B"]
+    assert (within.stats.placed, within.stats.conflicts, within.stats.dlq) == (1, 1, 0)
+
+
+def test_a_database_without_body_hash_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with TrackerStore(path) as s:
+        service_for(s).handle([placed(order("old"))])
+    with sqlite3.connect(path) as conn:  # as a release before body_hash left it
+        conn.execute("ALTER TABLE orders DROP COLUMN body_hash")
+    reader = TrackerStore(path, readonly=True)  # the API reads an old file as it is
+    assert reader.statuses() == {"old": "PLACED"}
+    with TrackerStore(path) as s:
+        service = service_for(s)
+        other = msgspec.structs.replace(order("old"), customer_id="c-9")
+        # no fingerprint recorded: any copy of a legacy order is a redelivery, as before
+        service.handle([placed(other), placed(order("new"))])
+        assert service.stats.duplicates == 1
+    with TrackerStore(path) as s:  # reopening finds the column in place
+        service = service_for(s)
+        service.handle([placed(msgspec.structs.replace(order("new"), customer_id="c-9"))])
+        assert service.stats.conflicts == 1
+    view = reader.get_order("old")
+    assert view is not None and view.customer_id == "c-1"
+    reader.close()
 
 
 def test_status_never_moves_backwards(store: TrackerStore, service: TrackerService) -> None:

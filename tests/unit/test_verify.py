@@ -158,3 +158,239 @@ def test_cancel_event_without_cancel_in_db_is_judged_by_the_db() -> None:
     obs.cancelled.add("o1")
     # the inventory DB is the authority on o1: RESERVED
     assert tracker_report(obs, db, TRACKED).ok
+
+
+def test_unknown_db_order_fails() -> None:
+    obs, stock, movements, db = consistent()
+    db["ghost"] = ("REJECTED", ())
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"unknown_db_order": 1}
+
+
+# --- the inventory DB against the events ------------------------------------------
+
+
+def test_an_outcome_without_a_db_row_fails() -> None:
+    obs, stock, movements, db = consistent()
+    del db["o2"]  # rejected: holds no stock, so only the missing row tells
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"outcome_not_in_db": 1}
+    assert "o2" in report.violations[0]
+
+
+def test_a_db_row_disagreeing_with_the_outcome_event_fails() -> None:
+    obs, stock, movements, db = consistent()
+    db["o2"] = ("RESERVED", ())
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"db_outcome_mismatch": 1}
+
+
+def test_negative_stock_fails() -> None:
+    obs, _stock, movements, db = consistent()
+    movements["B"] = -1
+    stock = [StockRow("A", 8, 2), StockRow("B", -1, 0)]
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"negative_stock": 1}
+
+
+def test_reserved_not_held_by_db_orders_fails() -> None:
+    obs, stock, movements, db = consistent()
+    db["o1"] = ("RESERVED", (("A", 1),))  # the row holds less than the stock says
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"reserved_mismatch_db": 1}
+
+
+def test_reserved_not_held_by_events_fails() -> None:
+    obs, stock, movements, db = consistent()
+    obs.cancelled.discard("o3")  # the events say B is still held; the DB released it
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"reserved_mismatch_events": 1}
+
+
+def test_a_sku_named_only_by_the_events_is_checked() -> None:
+    obs, stock, movements, db = consistent()
+    obs.valid_orders["o4"] = (2, 0)
+    obs.outcomes["o4"][reserved("o4", "Z", 1)] += 1
+    obs.reserved_items["o4"] = (ItemQty("Z", 1),)
+    db["o4"] = ("RESERVED", ())  # the row is there but holds nothing, stock has no Z
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"sku_missing_from_db": 1}
+    assert "Z" in report.violations[0]
+
+
+def test_a_sku_named_only_by_the_movements_is_checked() -> None:
+    obs, stock, movements, db = consistent()
+    movements["R"] = 5  # restocked, yet no stock row
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"sku_missing_from_db": 1}
+
+
+def test_a_sku_released_by_the_events_but_unknown_to_the_db_fails() -> None:
+    obs, stock, movements, db = consistent()
+    obs.released_skus.add("Q")
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"sku_missing_from_db": 1}
+
+
+# --- order-commands ---------------------------------------------------------------
+
+
+def test_cancels_with_an_effect_pass() -> None:
+    obs, stock, movements, db = consistent()
+    obs.commands = 3
+    obs.cancels = [("o3", 0, 0), ("o2", 0, 1), ("nobody", 1, 0)]
+    obs.cancel_rejected.add("o2")  # o2 was rejected: the cancel is refused by an event
+    obs.dlq_command_sources[(1, 0)] = 1  # unknown order: dead-lettered
+    report = check(obs, stock, movements, db)
+    assert report.ok, report.violations
+    assert report.cancel_commands == 3 and report.commands_records == 3
+
+
+def test_a_cancel_without_any_effect_fails() -> None:
+    obs, stock, movements, db = consistent()
+    obs.cancels = [("o1", 0, 0), ("nobody", 1, 0)]
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"cancel_without_effect": 2}
+
+
+def test_an_undecodable_command_without_dlq_entry_fails() -> None:
+    obs, stock, movements, db = consistent()
+    obs.invalid_commands = {(0, 4), (0, 5)}
+    obs.dlq_command_sources[(0, 4)] = 1
+    obs.dlq_sources[(0, 5)] = 1  # an entry for orders[0]@5 does not count
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"invalid_command_not_in_dlq": 1}
+    assert "order-commands[0]@5" in report.violations[0]
+
+
+def test_a_cancel_effect_the_outcome_rules_out_fails() -> None:
+    obs, stock, movements, db = consistent()
+    obs.cancel_rejected.add("o1")  # o1 was reserved: a refusal is wrong
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"cancel_conflicts_outcome": 1}
+
+    obs, stock, movements, db = consistent()
+    obs.cancelled.add("o2")  # o2 was rejected: nothing to cancel
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"cancel_conflicts_outcome": 1}
+
+
+def test_undecodable_events_fail() -> None:
+    obs, stock, movements, db = consistent()
+    obs.undecodable_events = [(3, 7), (3, 9)]
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"undecodable_event": 2}
+    assert "order-events[3]@7" in report.violations[0]
+
+
+# --- pending: records the services have not committed yet -------------------------
+
+
+def test_an_order_past_the_committed_offset_is_pending_not_lost() -> None:
+    obs, stock, movements, db = consistent()
+    obs.valid_orders["o4"] = (2, 5)
+    obs.invalid.add((2, 6))
+    obs.inventory_orders_done = {0: 2, 1: 2, 2: 5}
+    report = check(obs, stock, movements, db)
+    assert report.ok, report.violations
+    assert report.pending == 2
+    assert report.pending_counts == {"lost": 1, "invalid_not_in_dlq": 1}
+    assert report.as_dict()["pending"] == 2
+
+    obs.inventory_orders_done[2] = 7  # committed: the inventory is done with them
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"lost": 1, "invalid_not_in_dlq": 1}
+    assert report.pending == 0
+
+
+def test_a_partition_never_committed_is_all_pending() -> None:
+    obs, stock, movements, db = consistent()
+    obs.valid_orders["o4"] = (2, 0)
+    obs.inventory_orders_done = {0: 2, 1: 2}  # nothing committed on partition 2
+    report = check(obs, stock, movements, db)
+    assert report.ok and report.pending_counts == {"lost": 1}
+
+
+def test_an_uncommitted_decision_may_be_in_the_db_before_its_events() -> None:
+    obs, stock, movements, db = consistent()
+    # o4 reserved 1 A in the DB; the crash came before its event was produced
+    obs.valid_orders["o4"] = (2, 0)
+    obs.unsettled_skus.add("A")
+    db["o4"] = ("RESERVED", (("A", 1),))
+    stock = [StockRow("A", 7, 3), StockRow("B", 5, 0)]
+    obs.inventory_orders_done = {0: 2, 1: 2, 2: 0}
+    report = check(obs, stock, movements, db)
+    assert report.ok, report.violations
+    assert report.pending_counts == {"lost": 1, "reserved_mismatch_events": 1}
+
+    obs.inventory_orders_done[2] = 1
+    obs.unsettled_skus.clear()
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"lost": 1, "reserved_mismatch_events": 1}
+
+
+def test_an_outcome_of_an_uncommitted_order_may_precede_its_db_row() -> None:
+    obs, stock, movements, db = consistent()
+    del db["o2"]
+    obs.inventory_orders_done = {0: 1, 1: 2}  # o2 is orders[0]@1: not committed
+    report = check(obs, stock, movements, db)
+    assert report.ok and report.pending_counts == {"outcome_not_in_db": 1}
+
+
+def test_an_uncommitted_cancel_is_pending() -> None:
+    obs, stock, movements, db = consistent()
+    obs.cancels = [("o1", 4, 10)]
+    obs.inventory_commands_done = {4: 10}
+    # the DB may already have released o1's stock; its events are not out yet
+    db["o1"] = ("CANCELLED", (("A", 2),))
+    stock = [StockRow("A", 10, 0), StockRow("B", 5, 0)]
+    report = check(obs, stock, movements, db)
+    assert report.ok, report.violations
+    assert report.pending_counts == {"cancel_without_effect": 1, "reserved_mismatch_events": 1}
+
+    obs.inventory_commands_done = {4: 11}
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"cancel_without_effect": 1, "reserved_mismatch_events": 1}
+
+
+def test_invariants_within_the_db_are_never_pending() -> None:
+    obs, stock, movements, db = consistent()
+    obs.inventory_orders_done = {0: 0, 1: 0}  # nothing committed at all
+    obs.unsettled_skus = {"A", "B"}
+    movements["B"] = 6
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"stock_not_conserved": 1}
+
+
+def test_tracker_lagging_behind_is_pending() -> None:
+    obs, _, _, db = consistent()
+    obs.tracker_orders_done = {0: 1, 1: 0}  # the tracker has only read orders[0]@0
+    report = tracker_report(obs, db, {"o1": "RESERVED"})
+    assert report.ok, report.violations
+    assert report.pending_counts == {"tracker_missing": 2} and report.tracker_missing == 0
+
+    obs.tracker_unsettled.add("o3")  # the tracker has not committed o3's cancel
+    report = tracker_report(obs, db, {**TRACKED, "o3": "RESERVED"})
+    assert report.ok and report.pending_counts == {"tracker_status_mismatch": 1}
+
+    obs.tracker_unsettled.clear()
+    report = tracker_report(obs, db, {**TRACKED, "o3": "RESERVED"})
+    assert report.violation_counts == {"tracker_status_mismatch": 1}
+
+
+def test_tracker_ahead_of_the_events_of_an_uncommitted_cancel_is_pending() -> None:
+    obs, _, _, db = consistent()
+    # the DB cancelled o1 and the tracker says so, the read of the DB came first
+    obs.cancels = [("o1", 0, 3)]
+    obs.inventory_commands_done = {0: 3}
+    report = tracker_report(obs, db, {**TRACKED, "o1": "CANCELLED"})
+    assert report.ok and report.pending_counts == {"tracker_status_mismatch": 1}
+
+
+def test_a_rejected_order_may_name_an_unknown_sku() -> None:
+    obs, stock, movements, db = consistent()
+    db["o2"] = ("REJECTED", (("NOPE", 1),))  # UNKNOWN_SKU keeps the items as placed
+    assert check(obs, stock, movements, db).ok
+    db["o3"] = ("CANCELLED", (("NOPE", 1),))  # but a cancelled one held its stock
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts["sku_missing_from_db"] == 1

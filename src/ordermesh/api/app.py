@@ -3,6 +3,11 @@
 Answers come only after the fact they report: 202 for an order once Kafka acknowledged
 its ``OrderPlaced``, a status from the tracker's store. Bad input is always a 4xx
 problem: malformed JSON 400, schema violations 422, bodies over 64 KiB 413.
+
+With API keys configured, every ``/orders`` endpoint (reads included: an order names its
+customer and items) requires one; ``/health``, ``/metrics`` and ``/openapi.json`` stay
+open for probes, scrapers and client generators, and reveal no order. Idempotency keys
+are scoped per API key (see ``api/idempotency.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +38,12 @@ from ordermesh import schema
 from ordermesh.api.bodies import REQUEST_FIELDS, CancelAccepted, CancelRequest, OrderAccepted
 from ordermesh.api.delivery import AsyncProducer
 from ordermesh.api.health import HealthChecks
-from ordermesh.api.idempotency import IdempotencyStore, order_id_for_key, valid_key
+from ordermesh.api.idempotency import (
+    IdempotencyStore,
+    client_for_api_key,
+    order_id_for_key,
+    valid_key,
+)
 from ordermesh.api.metrics import ApiMetrics, MetricsMiddleware
 from ordermesh.api.openapi import MAX_WAIT_S, build_openapi
 from ordermesh.api.problems import HTTPProblem, kind_for, problem_response
@@ -157,6 +167,8 @@ class OrdersApi:
         self._kafka_producer = producer
         self.metrics = metrics
         self.api_keys = tuple(k.encode() for k in settings.api_key_set())
+        # the idempotency scope of each API key, same order as api_keys
+        self._clients = tuple(client_for_api_key(k) for k in self.api_keys)
         self.orders_topic = settings.topic(ORDERS)
         self.commands_topic = settings.topic(COMMANDS)
         self.openapi = msgspec.json.encode(build_openapi(authenticated=bool(self.api_keys)))
@@ -218,9 +230,10 @@ class OrdersApi:
 
     # --- shared steps ------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> str:
+        """401 unless the request carries a configured API key; its client ("" without keys)."""
         if not self.api_keys:
-            return
+            return ""
         given = request.headers.get("x-api-key")
         if given is None:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -232,7 +245,7 @@ class OrdersApi:
             # prefix matched
             matched = [hmac.compare_digest(candidate, key) for key in self.api_keys]
             if any(matched):
-                return
+                return self._clients[matched.index(True)]
         raise HTTPProblem(
             401,
             "unauthorized",
@@ -264,7 +277,7 @@ class OrdersApi:
         return await self.list_orders(request)
 
     async def place_order(self, request: Request) -> Response:
-        self.authorize(request)
+        client = self.authorize(request)
         require_json_body(request)
         key = request.headers.get("idempotency-key")
         if key is not None and not valid_key(key):
@@ -282,7 +295,7 @@ class OrdersApi:
                 f"unknown field(s) {', '.join(map(repr, unknown))[:300]}; allowed: "
                 f"{', '.join(REQUEST_FIELDS)} (the server sets order_id and created_at)",
             )
-        order_id = order_id_for_key(key) if key is not None else "ord-" + uuid.uuid4().hex
+        order_id = order_id_for_key(key, client) if key is not None else "ord-" + uuid.uuid4().hex
         body.update(order_id=order_id, created_at=schema.now())
         try:
             # the shared decoder: exactly the checks every consumer of `orders` applies
@@ -299,12 +312,16 @@ class OrdersApi:
             return json_response(OrderAccepted(order_id), 202, location)
 
         digest = body_hash(order)
-        record = await asyncio.to_thread(self.keys.reserve, key, digest, order_id, order.created_at)
+        record = await asyncio.to_thread(
+            self.keys.reserve, client, key, digest, order_id, order.created_at
+        )
         if record.body_hash != digest:
+            # no order id here: without API keys every caller shares one key space, and
+            # the key's order need not be this caller's
             raise HTTPProblem(
                 409,
                 "idempotency-conflict",
-                f"Idempotency-Key already used for another body (order {record.order_id})",
+                "Idempotency-Key already used for another body; use a new key",
             )
         if record.acked_at is not None:
             self.metrics.idempotent_replays.inc()
@@ -315,13 +332,14 @@ class OrdersApi:
         # decided once by the inventory
         order = msgspec.structs.replace(order, created_at=record.created_at)
         await self.produce(self.orders_topic, order_id, schema.encode(order))
-        if await asyncio.to_thread(self.keys.mark_acked, key, schema.now()):
+        if await asyncio.to_thread(self.keys.mark_acked, client, key, schema.now()):
             self.metrics.orders_accepted.inc()
             return json_response(OrderAccepted(order_id), 202, location)
         self.metrics.idempotent_replays.inc()  # a concurrent twin was acknowledged first
         return json_response(OrderAccepted(order_id), 200, location)
 
     async def get_order(self, request: Request) -> Response:
+        self.authorize(request)
         order_id: str = request.path_params["order_id"]
         wait = number_param(request, "wait", 0.0, MAX_WAIT_S, 0.0)
         if not 0 < len(order_id) <= 64:
@@ -340,6 +358,7 @@ class OrdersApi:
         return json_response(view)
 
     async def list_orders(self, request: Request) -> Response:
+        self.authorize(request)
         params = request.query_params
         status = params.get("status")
         if status is not None and status not in ORDER_STATUSES:

@@ -19,7 +19,8 @@ SERVER_FIELDS: Final = ("order_id", "created_at", "schema_version")
 REQUEST_FIELDS: Final = tuple(
     name for name in schema.OrderPlaced.__struct_fields__ if name not in SERVER_FIELDS
 )
-MAX_CANCEL_REASON: Final = 500
+# one limit for the HTTP body and the CancelOrder it becomes on Kafka
+MAX_CANCEL_REASON: Final = schema.MAX_CANCEL_REASON
 
 
 class OrderAccepted(msgspec.Struct, frozen=True):

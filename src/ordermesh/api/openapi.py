@@ -95,7 +95,7 @@ ORDER_ID_PARAM: Final = {
 
 
 def build_openapi(*, authenticated: bool) -> dict[str, Any]:
-    """The document; ``authenticated`` declares the API-key requirement of POSTs."""
+    """The document; ``authenticated`` declares the API-key requirement of ``/orders``."""
     security: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}] if authenticated else []
     unauthorized = {"401": _problem("Missing or unknown API key.")} if authenticated else {}
     post_order = {
@@ -190,9 +190,11 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
                             headers={"Link": {"schema": {"type": "string"}}},
                         ),
                         "400": _problem("Invalid cursor."),
+                        **unauthorized,
                         "422": _problem("Invalid query parameter."),
                         "503": _problem("Tracker DB unavailable."),
                     },
+                    **({"security": security} if security else {}),
                 },
             },
             "/orders/{order_id}": {
@@ -204,10 +206,15 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
                     "parameters": [ORDER_ID_PARAM, WAIT_PARAM],
                     "responses": {
                         "200": _json("The order.", "OrderView"),
+                        **unauthorized,
                         "404": _problem("Unknown order."),
                         "422": _problem("Invalid query parameter."),
-                        "503": _problem("Tracker DB unavailable."),
+                        "503": _problem(
+                            "Tracker DB unavailable, or too many requests waiting (?wait=);"
+                            " see Retry-After."
+                        ),
                     },
+                    **({"security": security} if security else {}),
                 }
             },
             "/orders/{order_id}/cancel": {"post": cancel},

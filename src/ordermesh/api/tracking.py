@@ -11,7 +11,9 @@ in a rare WAL recovery.)
 
 Waiters for a decision share one poller: every ``POLL_INTERVAL_S`` it reads all watched
 orders in one go, so a thousand long-polling clients cost one loop of lookups per tick,
-not a thousand timers.
+not a thousand timers. At most ``MAX_WAITERS`` requests wait at once (each holds a
+connection and a future); one more is answered 503 with Retry-After rather than letting
+a flood of long polls grow memory and poll work without bound.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, TypeVar
 
+from ordermesh.api.problems import HTTPProblem
 from ordermesh.errors import StoreError
 from ordermesh.stores.tracker import OrderPage, OrderStatus, OrderView, TrackerStore
 
@@ -33,6 +36,10 @@ POLL_INTERVAL_S: Final = 0.025
 READ_THREADS: Final = 2
 # a poll of up to this many orders runs inline (~32 us each), more go to the pool
 INLINE_POLL_MAX: Final = 32
+# Concurrent long polls at most; a poll of 1000 orders takes ~32 ms in the pool, within
+# the poll interval's order of magnitude.
+MAX_WAITERS: Final = 1000
+WAITERS_RETRY_AFTER_S: Final = 1
 
 _T = TypeVar("_T")
 
@@ -45,11 +52,19 @@ def decided(view: OrderView | None) -> bool:
 class OrderReader:
     """Async, read-only access to the tracker store."""
 
-    def __init__(self, store: TrackerStore, *, poll_interval_s: float = POLL_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        store: TrackerStore,
+        *,
+        poll_interval_s: float = POLL_INTERVAL_S,
+        max_waiters: int = MAX_WAITERS,
+    ) -> None:
         self.store = store
         self.poll_interval_s = poll_interval_s
+        self.max_waiters = max_waiters
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tracker-read")
         self._waiters: dict[str, list[asyncio.Future[OrderView]]] = {}
+        self._waiting = 0  # requests inside wait_decided's wait, over all orders
         self._poller: asyncio.Task[None] | None = None
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
@@ -80,6 +95,7 @@ class OrderReader:
 
         A store that fails meanwhile (the tracker has not created its DB yet, say) counts
         as "not decided yet"; only the final read, at the deadline, raises StoreError.
+        Raises a 503 ``HTTPProblem`` when ``max_waiters`` requests wait already.
         """
         if timeout_s <= 0:
             return await self.get(order_id)
@@ -89,8 +105,17 @@ class OrderReader:
             view = None
         if decided(view):
             return view
+        if self._waiting >= self.max_waiters:
+            raise HTTPProblem(
+                503,
+                "too-many-waiters",
+                f"{self._waiting} requests are waiting for decisions already; retry shortly"
+                " (or read without ?wait=)",
+                headers={"Retry-After": str(WAITERS_RETRY_AFTER_S)},
+            )
         future: asyncio.Future[OrderView] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(order_id, []).append(future)
+        self._waiting += 1
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll(), name="tracker-poller")
         try:
@@ -98,6 +123,7 @@ class OrderReader:
         except TimeoutError:
             return await self.get(order_id)
         finally:
+            self._waiting -= 1
             waiting = self._waiters.get(order_id)
             if waiting is not None:
                 if future in waiting:
@@ -108,6 +134,11 @@ class OrderReader:
     def waiting_for(self, order_id: str) -> int:
         """How many requests are waiting for this order's decision."""
         return len(self._waiters.get(order_id, ()))
+
+    @property
+    def waiting(self) -> int:
+        """How many requests are waiting for a decision, over all orders."""
+        return self._waiting
 
     def _lookup(self, order_ids: list[str]) -> list[OrderView | None]:
         return [self.store.get_order(order_id) for order_id in order_ids]

@@ -85,8 +85,15 @@ def free_ports(count: int) -> list[int]:
 
 
 def new_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Like Kafka's own ``Uuid.randomUuid()``, never one that starts with ``-``: command
+    line tools would read it as an option.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def pid_alive(pid: int) -> bool:
@@ -179,7 +186,8 @@ class LocalCluster:
             self._save_state(state)
             self.wait_ready(state)
             return state, True
-        ports = [port + i for i in range(2 * nodes)] if port is not None else free_ports(2 * nodes)
+        # port None or 0: any free ports
+        ports = [port + i for i in range(2 * nodes)] if port else free_ports(2 * nodes)
         state = ClusterState(
             cluster_id=new_cluster_id(),
             nodes=[NodeState(i + 1, ports[2 * i], ports[2 * i + 1]) for i in range(nodes)],
@@ -260,8 +268,8 @@ class LocalCluster:
             "kafka.tools.StorageTool",
             "format",
             "--ignore-formatted",
-            "-t",
-            state.cluster_id,
+            # one token, so no id (even a hand-made one starting with "-") reads as an option
+            f"--cluster-id={state.cluster_id}",
             "-c",
             str(ndir / "server.properties"),
         ]

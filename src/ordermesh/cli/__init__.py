@@ -8,11 +8,12 @@ from ordermesh.cli import (  # noqa: F401 - registers commands
     api,
     bench,
     broker,
+    chaos,
     dlq,
     inventory,
     mesh,
     tracker,
 )
-from ordermesh.cli.common import app
+from ordermesh.cli.common import app, run
 
-__all__ = ["app"]
+__all__ = ["app", "run"]

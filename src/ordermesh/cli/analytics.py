@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from ordermesh.cli.common import DataDir, app, console, fail, make_settings
+from ordermesh.cli.common import (
+    BootstrapServer,
+    CommandConfig,
+    DataDir,
+    app,
+    console,
+    fail,
+    make_settings,
+)
 from ordermesh.errors import OrderMeshError
 
 analytics_app = typer.Typer(no_args_is_help=True, help="Analytics and the live dashboard.")
@@ -23,6 +31,8 @@ def analytics_run(
         float | None, typer.Option(help="Exit after this many idle seconds.")
     ] = None,
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
 ) -> None:
     """Consume orders, events and the DLQ from the beginning; serve the dashboard.
 
@@ -30,7 +40,9 @@ def analytics_run(
     """
     from ordermesh.kafka.analytics import run_analytics
 
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
     try:
         stats = run_analytics(settings, host=host, port=port, idle_exit_s=idle_exit)
     except OrderMeshError as exc:

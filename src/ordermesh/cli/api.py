@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from ordermesh.cli.common import DataDir, app, console, fail, make_settings
+from ordermesh.cli.common import (
+    BootstrapServer,
+    CommandConfig,
+    DataDir,
+    app,
+    console,
+    fail,
+    make_settings,
+)
 from ordermesh.errors import OrderMeshError
 
 
@@ -17,6 +25,8 @@ def api_cmd(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
     """Serve the orders HTTP API (POST /orders, GET /orders/{id}?wait=, /health, /metrics).
@@ -28,7 +38,9 @@ def api_cmd(
     from ordermesh.api import create_app
     from ordermesh.api.server import uvicorn_config
 
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
     config = uvicorn_config(create_app(settings), host=host, port=port, access_log=access_log)
     server = uvicorn.Server(config)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated
 
@@ -9,12 +10,17 @@ import typer
 from rich.table import Table
 
 from ordermesh.cli.common import (
+    EXIT_CHECK_FAILED,
+    AsJson,
+    BootstrapServer,
+    CommandConfig,
     DataDir,
     app,
     console,
     fail,
     local_cluster,
     make_settings,
+    status_line,
 )
 from ordermesh.errors import OrderMeshError
 
@@ -42,11 +48,25 @@ def broker_fetch() -> None:
 def broker_up(
     nodes: Annotated[int, typer.Option("--nodes", help="1 or 3 nodes.")] = 1,
     data_dir: DataDir = None,
-    port: Annotated[int | None, typer.Option("--port", help="First port (default 9092).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            help="First port (default 9092).",
+            envvar="ORDERMESH_BROKER_PORT",
+            show_envvar=True,
+        ),
+    ] = None,
+    as_json: AsJson = False,
 ) -> None:
     """Start a local Kafka cluster in KRaft mode (idempotent)."""
+    if nodes not in (1, 3):
+        raise typer.BadParameter("--nodes must be 1 or 3")
     settings = make_settings(data_dir=data_dir)
     if settings.bootstrap_servers:
+        if as_json:
+            print(json.dumps({"started": False, "bootstrap_servers": settings.bootstrap_servers}))
+            return
         console.print(
             f"ORDERMESH_BOOTSTRAP_SERVERS is set ({settings.bootstrap_servers}): "
             "using that cluster, starting nothing"
@@ -54,9 +74,23 @@ def broker_up(
         return
     try:
         cluster = local_cluster(settings)
-        state, started = cluster.up(nodes=nodes, port=port or settings.broker_port)
+        with status_line(f"starting {nodes} Kafka node(s) (KRaft)", quiet=as_json):
+            state, started = cluster.up(nodes=nodes, port=port or settings.broker_port)
     except OrderMeshError as exc:
         raise fail(exc) from None
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "started": started,
+                    "bootstrap_servers": state.bootstrap_servers,
+                    "cluster_id": state.cluster_id,
+                    "nodes": len(state.nodes),
+                    "data_dir": str(cluster.root),
+                }
+            )
+        )
+        return
     if started:
         console.print(
             f"Kafka up: {len(state.nodes)} node(s) at {state.bootstrap_servers} "
@@ -86,17 +120,14 @@ def broker_down(
 
 
 @broker_app.command("status")
-def broker_status(
-    data_dir: DataDir = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
+def broker_status(data_dir: DataDir = None, as_json: AsJson = False) -> None:
     """Nodes, pids, ports, active controller, health. Exits 1 when not healthy."""
     settings = make_settings(data_dir=data_dir)
     from ordermesh.broker.local import LocalCluster
 
     status = LocalCluster(settings.broker_dir(), settings.kafka_jar_dir()).status()
     if as_json:
-        console.print_json(json.dumps(status))
+        print(json.dumps(status))
     else:
         table = Table(title=f"Kafka cluster {status.get('cluster_id', '-')}")
         for col in ("node", "pid", "port", "controller port", "alive"):
@@ -115,23 +146,34 @@ def broker_status(
             f"healthy: {'yes' if status['healthy'] else 'no'}"
         )
     if not status["healthy"]:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_CHECK_FAILED)
 
 
 # --- topics ----------------------------------------------------------------------------
 
 
 @topics_app.command("ensure")
-def topics_ensure(data_dir: DataDir = None) -> None:
+def topics_ensure(
+    data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
+    as_json: AsJson = False,
+) -> None:
     """Create the OrderMesh topics if missing; report any with another shape."""
-    from ordermesh.kafka.client import make_admin
+    from ordermesh.kafka.client import kafka_errors, make_admin
     from ordermesh.topics import ensure_topics
 
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
     try:
-        reports = ensure_topics(make_admin(settings), settings)
+        with kafka_errors(settings):
+            reports = ensure_topics(make_admin(settings), settings)
     except OrderMeshError as exc:
         raise fail(exc) from None
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in reports]))
+        return
     for r in reports:
         console.print(
             f"{r.name}: {r.partitions} partitions, RF {r.replication_factor} ({r.outcome})"

@@ -2,7 +2,8 @@
 
 Exit codes of ``dlq replay``: 0 when at least one record was replayed (or would be, with
 ``--dry-run``) and every send was acknowledged; 1 when nothing was replayed (nothing
-matched, or everything that matched was refused) or a send failed; 2 for usage errors.
+matched, or everything that matched was refused or skipped) or a send failed; 2 for usage
+errors. Entries whose source topic is not one OrderMesh consumes are skipped, with why.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ordermesh.cli.common import DataDir, app, console, err_console, fail, make_settings
+from ordermesh.cli.common import (
+    BootstrapServer,
+    CommandConfig,
+    DataDir,
+    app,
+    console,
+    err_console,
+    fail,
+    make_settings,
+)
 from ordermesh.errors import ConfigError, OrderMeshError
 from ordermesh.topics import DLQ
 
@@ -37,6 +47,8 @@ def _line(text: str) -> None:
 @dlq_app.command("run")
 def dlq_run(
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many idle seconds.")
     ] = None,
@@ -44,7 +56,9 @@ def dlq_run(
     """Run the DLQ logger: one alert line per dead-lettered record, counts by reason."""
     from ordermesh.kafka.apps import run_dlq_logger
 
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
     try:
         run_dlq_logger(settings, idle_exit_s=idle_exit)
     except OrderMeshError as exc:
@@ -89,11 +103,15 @@ def dlq_list(
         bool, typer.Option("--json", help="One JSON object per entry, with every header.")
     ] = False,
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
 ) -> None:
     """List DLQ entries, newest last: position, reason, source, order, replays, message."""
     from ordermesh.kafka.dlq import list_entries
 
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
     try:
         entries, total = list_entries(settings, reasons=reason or (), limit=limit)
     except OrderMeshError as exc:
@@ -153,6 +171,8 @@ def dlq_replay(
         ),
     ] = None,
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
 ) -> None:
     """Send DLQ entries back to their source topic (reasons and offsets must both match)."""
     from ordermesh.kafka.dlq import replay
@@ -164,7 +184,9 @@ def dlq_replay(
         offsets = [parse_offset(text) for text in offset or ()]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
     try:
         result = replay(
             settings,
@@ -197,12 +219,15 @@ def dlq_replay(
         )
     for refusal in plan.refused:
         _line(f"refused {refusal.entry.where()}  {refusal.entry.error_class}: {refusal.why}")
+    for skip in plan.skipped:
+        _line(f"skipped {skip.entry.where()}  {skip.entry.error_class}: {skip.why}")
     for selector in plan.unmatched:
         _line(f"no entry matched {selector}")
     done = len(plan.replays) if dry_run else len(result.sent)
     _line(
         f"{'dry run: would replay' if dry_run else 'replayed'} {done},"
-        f" refused {len(plan.refused)}, failed {len(result.failed)}"
+        f" refused {len(plan.refused)}, skipped {len(plan.skipped)},"
+        f" failed {len(result.failed)}"
     )
     if result.failed or done == 0:
         raise typer.Exit(code=1)

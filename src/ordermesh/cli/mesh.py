@@ -5,16 +5,33 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
-from ordermesh.cli.common import DataDir, app, console, err_console, fail, make_settings
+from ordermesh.cli.common import (
+    EXIT_CHECK_FAILED,
+    EXIT_ERROR,
+    AsJson,
+    BootstrapServer,
+    CommandConfig,
+    DataDir,
+    app,
+    console,
+    err_console,
+    make_settings,
+    print_verify,
+    status_line,
+)
 from ordermesh.errors import OrderMeshError
+from ordermesh.loadgen import DEFAULT_STOCK
 
 
 class _Rates:
@@ -33,8 +50,22 @@ class _Rates:
         return rates
 
 
-def render(status: dict[str, Any], rates: dict[str, float], header: str) -> Group:
-    """The live terminal view: rates, totals, outcomes, DLQ, lag, services."""
+def _cell(value: object) -> str:
+    """A table cell for data the mesh does not control (reasons, names): never markup."""
+    return escape(str(value))
+
+
+def render(
+    status: dict[str, Any] | None, rates: dict[str, float], header: str, note: str = ""
+) -> Group:
+    """The live terminal view: rates, totals, outcomes, DLQ, lag, services.
+
+    ``status`` None: nothing measured yet (Kafka warming up); ``note`` says why numbers
+    are missing or stale.
+    """
+    if status is None:
+        body = Text(f"warming up: {note or 'waiting for Kafka'}", style="yellow")
+        return Group(Panel(body, title=header, border_style="cyan"))
     t = Table.grid(padding=(0, 3))
     t.add_row(
         "[b]orders placed[/b]",
@@ -56,9 +87,9 @@ def render(status: dict[str, Any], rates: dict[str, float], header: str) -> Grou
         if key in totals:
             outcomes.add_row(key, f"{totals[key]:,}")
     for reason, n in sorted((totals.get("rejected") or {}).items()):
-        outcomes.add_row(f"rejected {reason}", f"{n:,}")
+        outcomes.add_row(_cell(f"rejected {reason}"), f"{n:,}")
     for reason, n in sorted((totals.get("dlq_by_reason") or {}).items()):
-        outcomes.add_row(f"dlq {reason}", f"{n:,}")
+        outcomes.add_row(_cell(f"dlq {reason}"), f"{n:,}")
     latency = ((snap.get("windows") or {}).get("10s") or {}).get("latency_ms") or {}
     if latency.get("p50") is not None:
         outcomes.add_row(
@@ -67,11 +98,11 @@ def render(status: dict[str, Any], rates: dict[str, float], header: str) -> Grou
         )
     lag = Table("consumer group", "lag", box=None)
     for group, value in status["lag"].items():
-        lag.add_row(group, f"{value:,}")
+        lag.add_row(_cell(group), f"{value:,}")
     services = Table("service", "pid", "state", "restarts", box=None)
     for name, s in status.get("services", {}).items():
         services.add_row(
-            name,
+            _cell(name),
             str(s["pid"]),
             "[green]up[/green]" if s["running"] else "[red]down[/red]",
             str(s["restarts"]),
@@ -80,19 +111,73 @@ def render(status: dict[str, Any], rates: dict[str, float], header: str) -> Grou
     top_row.add_row(t, outcomes)
     bottom_row = Table.grid(padding=(0, 4))
     bottom_row.add_row(lag, services)
-    return Group(Panel(Group(top_row, "", bottom_row), title=header, border_style="cyan"))
+    parts: list[Any] = [top_row, "", bottom_row]
+    if note:
+        parts.append(Text(note, style="yellow"))
+    return Group(Panel(Group(*parts), title=header, border_style="cyan"))
+
+
+class LiveView:
+    """Numbers for the live view that survive Kafka's transient errors.
+
+    While the broker or a group coordinator warms up (NOT_COORDINATOR,
+    COORDINATOR_LOAD_IN_PROGRESS, timeouts), ``read`` raises; the view then shows
+    "warming up" or the last good numbers with the reason, and tries again next tick.
+    """
+
+    def __init__(self, read: Callable[[], dict[str, Any]], header: str) -> None:
+        self.read = read
+        self.header = header
+        self.rates = _Rates()
+        self.last: dict[str, Any] | None = None
+        self.errors = 0
+
+    def tick(self) -> Group:
+        try:
+            status = self.read()
+        except OrderMeshError as exc:
+            self.errors += 1
+            if self.last is None:
+                return render(None, {}, self.header, str(exc))
+            age = time.time() - self.last["at"]
+            note = f"numbers from {age:.0f}s ago; Kafka did not answer: {exc}"
+            return render(self.last, {}, self.header, note)
+        self.last = status
+        return render(status, self.rates.update(status), self.header)
 
 
 def _live_loop(mesh: Any, deadline: float | None, header: str) -> None:
-    rates = _Rates()
+    view = LiveView(mesh.status, header)
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         while deadline is None or time.monotonic() < deadline:
             mesh.supervisor.check()
-            status = mesh.status()
-            live.update(render(status, rates.update(status), header))
+            live.update(view.tick())
+            mesh.write_state(live=_live_numbers(view.last))
             time.sleep(1.0)
             if deadline is not None and not mesh.load_running() and mesh.drained():
                 break
+
+
+def _live_numbers(status: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The numbers ``mesh.json`` keeps for scripts: topic ends, lag, decided orders."""
+    if status is None:
+        return None
+    totals = (status.get("analytics") or {}).get("totals") or {}
+    rejected = sum((totals.get("rejected") or {}).values())
+    return {
+        "at": status["at"],
+        "orders_placed": status["topics"]["orders"],
+        "events": status["topics"]["order-events"],
+        "dlq": status["topics"]["orders-dlq"],
+        "decided": int(totals.get("reserved", 0)) + int(rejected),
+        "lag": status["lag"],
+    }
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end ``up`` like Ctrl-C: everything it started is stopped."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
 
 
 @app.command("up")
@@ -101,70 +186,79 @@ def up(
         float, typer.Option(help="Orders per second of the load (0: no load).")
     ] = 1000.0,
     duration: Annotated[
-        float | None, typer.Option(help="Stop after S seconds (default: Ctrl-C).")
+        float | None,
+        typer.Option(help="Stop the load after S seconds, drain and verify (default: Ctrl-C)."),
     ] = None,
-    instances: Annotated[str | None, typer.Option(help="e.g. inventory=2,tracker=1")] = None,
-    malformed_ratio: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.01,
-    skus: int = 1000,
-    stock: int = 100_000,
-    api_port: int = 8080,
-    dashboard_port: int = 8090,
+    instances: Annotated[
+        str | None, typer.Option(help="Instances per scalable service, e.g. inventory=2,tracker=1.")
+    ] = None,
+    malformed_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of malformed messages in the load.")
+    ] = 0.01,
+    skus: Annotated[int, typer.Option(min=1, help="SKUs to seed: SKU-00001..SKU-N.")] = 1000,
+    stock: Annotated[
+        int, typer.Option(min=0, help="Units per new SKU (existing SKUs keep theirs).")
+    ] = DEFAULT_STOCK,
+    api_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Orders API port (taken: any free one).")
+    ] = 8080,
+    dashboard_port: Annotated[
+        int, typer.Option(min=0, max=65535, help="Dashboard port (taken: any free one).")
+    ] = 8090,
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
     keep_broker: Annotated[bool, typer.Option(help="Leave the local broker running.")] = False,
 ) -> None:
     """Run the whole mesh: broker, topics, stock, every service, a load, live numbers."""
     from ordermesh.mesh import Mesh, MeshPlan, parse_instances
     from ordermesh.verify import verify
 
-    settings = make_settings(data_dir=data_dir)
-    try:
-        plan = MeshPlan(
-            instances=parse_instances(instances),
-            skus=skus,
-            stock=stock,
-            api_port=api_port,
-            analytics_port=dashboard_port,
-        )
-        mesh = Mesh(settings, plan)
-        # SIGTERM behaves like Ctrl-C: stop everything cleanly
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        mesh.start()
-    except OrderMeshError as exc:
-        raise fail(exc) from None
-    console.print(
-        f"dashboard: [link]{mesh.dashboard_url}[/link]   API: {mesh.api_url}   "
-        f"logs: {mesh.supervisor.log_dir}"
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
     )
-    if rate > 0:
-        mesh.start_load(rate=rate, duration=duration, malformed_ratio=malformed_ratio)
-    deadline = time.monotonic() + duration if duration is not None else None
+    plan = MeshPlan(
+        instances=parse_instances(instances),
+        skus=skus,
+        stock=stock,
+        api_port=api_port,
+        analytics_port=dashboard_port,
+    )
+    mesh = Mesh(settings, plan)
+    _stop_on_signals()
+    report = None
     try:
-        _live_loop(mesh, deadline, "OrderMesh — Ctrl-C to stop")
-        if deadline is not None:
-            console.print("load finished; waiting for the services to drain ...")
-            mesh.wait_drained(120)
-    except KeyboardInterrupt:
-        console.print("stopping ...")
-    mesh.stop(stop_broker=False)
-    report = verify(mesh.settings)
-    if not keep_broker:
-        mesh.stop()
-    _print_verify(report.as_dict())
+        try:
+            with status_line("starting Kafka, topics and services"):
+                mesh.start()
+            console.print(
+                f"dashboard: [link]{mesh.dashboard_url}[/link]   API: {mesh.api_url}   "
+                f"logs: {escape(str(mesh.supervisor.log_dir))}"
+            )
+            if rate > 0:
+                mesh.start_load(rate=rate, duration=duration, malformed_ratio=malformed_ratio)
+            deadline = time.monotonic() + duration if duration is not None else None
+            _live_loop(mesh, deadline, "OrderMesh — Ctrl-C to stop")
+            if deadline is not None:
+                console.print("load finished; waiting for the services to drain ...")
+                mesh.wait_drained(120)
+        except KeyboardInterrupt:
+            console.print("stopping: load and API first ...")
+            try:
+                mesh.stop_inputs()
+                console.print("letting the services drain (up to 30 s; Ctrl-C again to skip)")
+                mesh.wait_drained(30)
+            except KeyboardInterrupt:
+                pass
+        mesh.stop(stop_broker=False)
+        with status_line("verifying (reading every topic)"):
+            report = verify(mesh.settings)
+    finally:
+        # every exit path (an error, Ctrl-C, SIGTERM, SIGHUP) ends what up started
+        mesh.stop(stop_broker=not keep_broker)
+    print_verify(report.as_dict())
     if not report.ok:
-        raise typer.Exit(code=1)
-
-
-def _print_verify(report: dict[str, Any]) -> None:
-    table = Table(title="final report (ordermesh verify)")
-    table.add_column("check")
-    table.add_column("value")
-    for key, value in report.items():
-        if key != "violations":
-            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    console.print(table)
-    for line in report.get("violations", []):
-        console.print(f"[red]{line}[/red]")
-    console.print("[green]verify: OK[/green]" if report["ok"] else "[red]verify: FAILED[/red]")
+        raise typer.Exit(code=EXIT_CHECK_FAILED)
 
 
 @app.command("top")
@@ -176,9 +270,10 @@ def top(data_dir: DataDir = None) -> None:
     state_file = settings.data_dir / "mesh.json"
     if not state_file.exists():
         err_console.print(
-            f"no running mesh found ({state_file} missing); start one with `ordermesh up`"
+            f"no running mesh found ({escape(str(state_file))} missing); "
+            "start one with `ordermesh up`"
         )
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_ERROR)
     state = json.loads(state_file.read_text())
     settings = settings.model_copy(
         update={
@@ -186,17 +281,15 @@ def top(data_dir: DataDir = None) -> None:
             "topic_prefix": state.get("topic_prefix", ""),
         }
     )
-    rates = _Rates()
+    dashboard = state.get("dashboard_url", "")
+    view = LiveView(lambda: mesh_status(settings, dashboard), "OrderMesh top — Ctrl-C to quit")
     try:
         with Live(console=console, refresh_per_second=2) as live:
             while True:
-                status = mesh_status(settings, state.get("dashboard_url", ""))
-                live.update(render(status, rates.update(status), "OrderMesh top — Ctrl-C to quit"))
+                live.update(view.tick())
                 time.sleep(1.0)
     except KeyboardInterrupt:
         return
-    except OrderMeshError as exc:
-        raise fail(exc) from None
 
 
 @app.command("simulate")
@@ -204,33 +297,41 @@ def simulate_cmd(
     rate: Annotated[float, typer.Option(help="Orders per second.")] = 1000.0,
     duration: Annotated[float, typer.Option(help="Seconds of load.")] = 40.0,
     outage: Annotated[float, typer.Option(help="Seconds the inventory stays down.")] = 12.0,
-    instances: Annotated[str | None, typer.Option(help="e.g. inventory=2")] = None,
+    instances: Annotated[
+        str | None, typer.Option(help="Instances per scalable service, e.g. inventory=2.")
+    ] = None,
     data_dir: DataDir = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
+    as_json: AsJson = False,
 ) -> None:
     """Failure scenario: kill the inventory under load, restart it, verify nothing was lost."""
     from ordermesh.mesh import Mesh, MeshPlan, parse_instances, simulate
 
     if outage >= duration:
         raise typer.BadParameter("--outage must be shorter than --duration")
-    settings = make_settings(data_dir=data_dir)
+    settings = make_settings(
+        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+    )
 
     def show(entry: dict[str, Any]) -> None:
         if not as_json:
             numbers = "  ".join(f"{k}={v}" for k, v in entry.items() if k not in ("phase", "t"))
-            console.print(f"[cyan]{entry['t']:>6}s[/cyan] [b]{entry['phase']}[/b]  {numbers}")
+            console.print(
+                f"[cyan]{entry['t']:>6}s[/cyan] [b]{escape(entry['phase'])}[/b]  {escape(numbers)}"
+            )
 
+    mesh = Mesh(
+        settings, MeshPlan(instances=parse_instances(instances), api_port=0, analytics_port=0)
+    )
+    _stop_on_signals()
     try:
-        mesh = Mesh(
-            settings, MeshPlan(instances=parse_instances(instances), api_port=0, analytics_port=0)
-        )
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            report = simulate(mesh, rate=rate, duration=duration, outage_s=outage, on_phase=show)
-        finally:
-            mesh.stop()
-    except OrderMeshError as exc:
-        raise fail(exc) from None
+        report = simulate(mesh, rate=rate, duration=duration, outage_s=outage, on_phase=show)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; stopping what simulate started")
+        raise typer.Exit(code=130) from None
+    finally:
+        mesh.stop()
     if as_json:
         print(json.dumps(report.as_dict()))
     else:
@@ -239,7 +340,7 @@ def simulate_cmd(
             f"lag {report.lag_at_outage_start:,} -> peak {report.lag_peak:,}; "
             f"drained in {report.drain_seconds}s; DLQ entries {report.dlq_entries:,}"
         )
-        _print_verify(report.verify)
+        print_verify(report.verify)
         console.print("[green]simulate: OK[/green]" if report.ok else "[red]simulate: FAILED[/red]")
     if not report.ok:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_CHECK_FAILED)

@@ -9,17 +9,36 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from ordermesh.cli.common import DataDir, app, console, err_console, fail, make_settings
+from ordermesh.cli.common import (
+    EXIT_ERROR,
+    AsJson,
+    BootstrapServer,
+    CommandConfig,
+    DataDir,
+    app,
+    console,
+    err_console,
+    fail,
+    make_settings,
+)
 from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
 
 tracker_app = typer.Typer(no_args_is_help=True, help="The order tracker and order status.")
 app.add_typer(tracker_app, name="tracker")
 
-DbPath = Annotated[Path | None, typer.Option("--db", help="Tracker database file.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+DbPath = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Tracker database file (default: tracker.db in the data dir).",
+        envvar="ORDERMESH_TRACKER_DB",
+        show_envvar=True,
+    ),
+]
 
 
 def _reader(settings: Settings) -> Any:
@@ -27,8 +46,10 @@ def _reader(settings: Settings) -> Any:
 
     path = settings.tracker_db_path()
     if not path.exists():
-        err_console.print(f"no tracker database at {path} (is `ordermesh tracker run` up?)")
-        raise typer.Exit(code=1)
+        err_console.print(
+            f"no tracker database at {escape(str(path))} (is `ordermesh tracker run` up?)"
+        )
+        raise typer.Exit(code=EXIT_ERROR)
     return TrackerStore(path, readonly=True)
 
 
@@ -42,6 +63,8 @@ def _when(ts: float | None) -> str:
 def tracker_run(
     db: DbPath = None,
     data_dir: DataDir = None,
+    bootstrap_server: BootstrapServer = None,
+    command_config: CommandConfig = None,
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many idle seconds.")
     ] = None,
@@ -49,7 +72,12 @@ def tracker_run(
     """Run the order tracker: follow orders and their events to a queryable status."""
     from ordermesh.kafka.apps import run_tracker
 
-    settings = make_settings(tracker_db=db, data_dir=data_dir)
+    settings = make_settings(
+        tracker_db=db,
+        data_dir=data_dir,
+        bootstrap_servers=bootstrap_server,
+        command_config=command_config,
+    )
     try:
         run_tracker(settings, idle_exit_s=idle_exit)
     except OrderMeshError as exc:
@@ -72,27 +100,31 @@ def tracker_show(
     finally:
         store.close()
     if view is None:
-        err_console.print(f"unknown order {order_id}")
-        raise typer.Exit(code=1)
+        err_console.print(f"unknown order {escape(order_id)}")
+        raise typer.Exit(code=EXIT_ERROR)
     if as_json:
         print(json.dumps(dataclasses.asdict(view)))
         return
-    console.print(f"[bold]{view.order_id}[/bold]  {view.status}  customer {view.customer_id}")
+    console.print(
+        f"[bold]{escape(view.order_id)}[/bold]  {view.status}  customer {escape(view.customer_id)}"
+    )
     if view.reason or view.detail:
-        console.print(f"reason: {view.reason or '-'}  detail: {view.detail or '-'}")
+        console.print(f"reason: {escape(view.reason or '-')}  detail: {escape(view.detail or '-')}")
     console.print(f"created {_when(view.created_at)}, updated {_when(view.updated_at)}")
     items = Table(title="items")
     for col in ("sku", "quantity", "unit price"):
         items.add_column(col)
     for item in view.items:
-        items.add_row(item.sku, str(item.quantity), f"{item.unit_price:.2f}")
+        items.add_row(escape(item.sku), str(item.quantity), f"{item.unit_price:.2f}")
     console.print(items)
-    console.print(f"total: {view.total:.2f} {view.currency}")
+    console.print(f"total: {view.total:.2f} {escape(view.currency)}")
     history = Table(title="history")
     for col in ("at", "event", "status", "detail"):
         history.add_column(col)
     for entry in view.history:
-        history.add_row(_when(entry.at), entry.event, entry.status or "", entry.detail)
+        history.add_row(
+            _when(entry.at), escape(entry.event), entry.status or "", escape(entry.detail)
+        )
     console.print(history)
 
 
@@ -102,7 +134,7 @@ def tracker_list(
         str | None, typer.Option(help="PLACED, RESERVED, REJECTED or CANCELLED.")
     ] = None,
     customer: Annotated[str | None, typer.Option(help="Only this customer's orders.")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=500, help="Orders per page.")] = 50,
     cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
     db: DbPath = None,
     data_dir: DataDir = None,
@@ -139,16 +171,16 @@ def tracker_list(
         table.add_column(col, no_wrap=col in ("order_id", "customer", "status"))
     for view in page.orders:
         table.add_row(
-            view.order_id,
-            view.customer_id,
+            escape(view.order_id),
+            escape(view.customer_id),
             view.status,
-            f"{view.total:.2f} {view.currency}",
+            f"{view.total:.2f} {escape(view.currency)}",
             str(len(view.items)),
             _when(view.updated_at)[:19],
         )
     console.print(table)
     if page.next_cursor:
-        console.print(f"more: --cursor {page.next_cursor}")
+        console.print(f"more: --cursor {escape(page.next_cursor)}")
 
 
 @tracker_app.command("counts")

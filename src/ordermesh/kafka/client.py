@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from ordermesh.config import Settings
+from ordermesh.errors import KafkaUnavailableError, OrderMeshError
 
 ClientConfig = dict[str, Any]
+
+# librdkafka's own log lines ("%3|...|FAIL|...") go through Python logging under this
+# name; the CLI keeps it quiet unless -v is given.
+LIBRDKAFKA_LOGGER = "ordermesh.librdkafka"
+
+# errors that mean "the cluster is not there (yet)", as opposed to a refusal by it
+UNREACHABLE = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._RESOLVE,
+        KafkaError._TIMED_OUT,
+        KafkaError._TIMED_OUT_QUEUE,
+        KafkaError._MSG_TIMED_OUT,
+    }
+)
 
 
 def bootstrap_servers(settings: Settings) -> str:
@@ -37,7 +57,43 @@ def common_config(settings: Settings) -> ClientConfig:
         conf["sasl.username"] = settings.sasl_username
     if settings.sasl_password is not None:
         conf["sasl.password"] = settings.sasl_password.get_secret_value()
+    conf.update(settings.client_properties())
+    conf["logger"] = logging.getLogger(LIBRDKAFKA_LOGGER)
     return conf
+
+
+@contextmanager
+def kafka_errors(settings: Settings) -> Iterator[None]:
+    """Raise client errors inside the block as OrderMeshError (KafkaUnavailableError...)."""
+    try:
+        yield
+    except KafkaException as exc:
+        known = as_ordermesh_error(settings, exc)
+        raise (known or OrderMeshError(str(exc))) from exc
+
+
+def as_ordermesh_error(settings: Settings, exc: BaseException) -> OrderMeshError | None:
+    """A client error as one of ours (None when ``exc`` is not a Kafka client error)."""
+    if is_unreachable(exc):
+        return unreachable_error(settings, exc)
+    if isinstance(exc, KafkaException) and exc.args:
+        err = exc.args[0]
+        return OrderMeshError(f"Kafka: {err.str() if isinstance(err, KafkaError) else err}")
+    return None
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True for a KafkaException that says the cluster could not be reached."""
+    if not isinstance(exc, KafkaException) or not exc.args:
+        return False
+    err = exc.args[0]
+    return isinstance(err, KafkaError) and err.code() in UNREACHABLE
+
+
+def unreachable_error(settings: Settings, exc: BaseException) -> KafkaUnavailableError:
+    """One readable line for an unreachable cluster."""
+    reason = exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else str(exc)
+    return KafkaUnavailableError(f"cannot reach Kafka at {bootstrap_servers(settings)} ({reason})")
 
 
 def producer_config(settings: Settings, **overrides: Any) -> ClientConfig:

@@ -13,7 +13,7 @@ from threading import Thread
 from typing import Any, Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -76,6 +76,20 @@ class RunnerMetrics:
         self.rebalances = Counter(
             "ordermesh_rebalances", "Partition assignments/revocations.", labels, registry=r
         )
+        self.produce_errors = Counter(
+            "ordermesh_produce_errors",
+            "Records Kafka did not acknowledge, by error and whether a retry can help.",
+            ["service", "error", "kind"],
+            registry=r,
+        )
+        # alert on > 0: a record could not even be dead-lettered, its partition is paused
+        self.partitions_blocked = Gauge(
+            "ordermesh_partitions_blocked",
+            "Partitions paused because a record could not be processed nor dead-lettered.",
+            labels,
+            registry=r,
+        )
+        self.partitions_blocked.labels(service)
         self.batch_size = Histogram(
             "ordermesh_batch_size", "Records per batch.", labels, buckets=BATCH_BUCKETS, registry=r
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,8 +12,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
 from ordermesh.kafka.client import common_config
-from ordermesh.kafka.runner import to_in_record
-from ordermesh.records import InRecord
+from ordermesh.kafka.runner import read_record
+from ordermesh.records import UNDECODABLE_HEADER, InRecord
+
+log = logging.getLogger(__name__)
 
 _SETTLING = {
     KafkaError.NOT_LEADER_FOR_PARTITION,
@@ -81,7 +84,10 @@ def read_topic(
 ) -> Iterator[InRecord]:
     """Every record of ``topic`` up to the end offsets seen at the start.
 
-    ``partitions`` optionally maps partition -> first offset to read.
+    ``partitions`` optionally maps partition -> first offset to read. A record whose
+    headers cannot be decoded is yielded too, with its key and value and, instead of its
+    headers, one ``records.UNDECODABLE_HEADER`` (``records.undecodable`` tells why): a
+    check counts it rather than never seeing it.
     """
     consumer = _reader(settings)
     try:
@@ -92,6 +98,7 @@ def read_topic(
             return
         consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
         end = time.monotonic() + deadline_s
+        undecodable = 0
         while todo:
             if time.monotonic() > end:
                 raise OrderMeshError(f"reading {topic} timed out with {todo} left")
@@ -103,8 +110,15 @@ def read_topic(
                 if p not in todo or p is None or offset is None:
                     continue
                 if offset < todo[p]:
-                    yield to_in_record(msg)
+                    rec = read_record(msg)
+                    if rec.headers and rec.headers[0][0] == UNDECODABLE_HEADER:
+                        undecodable += 1
+                        if undecodable == 1:
+                            log.warning("%s has undecodable headers", rec.where())
+                    yield rec
                 if offset >= todo[p] - 1:
                     del todo[p]
+        if undecodable:
+            log.warning("%s: %d records with undecodable headers", topic, undecodable)
     finally:
         consumer.close()

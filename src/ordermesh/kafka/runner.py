@@ -4,34 +4,99 @@ Commit discipline (ARCHITECTURE.md, "Guarantees"): a batch's offsets are committ
 after the handler returned (its DB transaction is committed) and every record it asked
 for, events and DLQ copies alike, was acknowledged by Kafka. A crash anywhere before the
 commit redelivers the batch; handlers are idempotent per order_id, so that is safe.
+
+No input stops a partition for good, and none crashes the process:
+
+- a message whose headers cannot be decoded never reaches the handler: the runner
+  dead-letters it itself (key and value kept, class ``HeaderDecodeError``);
+- a produce error a retry can cure (broker down, leader moving, timeout) is retried with
+  back-off for as long as the runner runs;
+- a permanent one (too large, not authorized, unknown topic, invalid record) on an output
+  dead-letters the input it came from (stage ``produce``); on a DLQ copy it produces a
+  size-bounded copy (value truncated, original headers dropped); if even that is refused,
+  the partition is paused, logged once at ERROR and counted in
+  ``ordermesh_partitions_blocked``, and nothing past that record is committed while the
+  other partitions keep flowing.
+
+A stop (SIGTERM) waits at most ``STOP_DEADLINE_S`` for outstanding acknowledgements, then
+exits without committing what was not acknowledged: the next run redoes it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
 
 from ordermesh.config import Settings
-from ordermesh.errors import DeliveryError
-from ordermesh.kafka.client import make_consumer, make_producer
+from ordermesh.errors import ConfigError, DeliveryError
+from ordermesh.kafka.client import make_admin, make_consumer, make_producer
 from ordermesh.kafka.metrics import RunnerMetrics, sample_lag
-from ordermesh.records import InRecord, OutRecord
-from ordermesh.topics import DLQ
+from ordermesh.records import (
+    ERROR_HEADER_PREFIX,
+    HEADER_DECODE_ERROR,
+    UNDECODABLE_HEADER,
+    InRecord,
+    OutRecord,
+    dead_letter,
+    header,
+    is_truncated,
+    truncated_dead_letter,
+)
+from ordermesh.topics import DLQ, SPECS
 
 log = logging.getLogger(__name__)
 
-DELIVERY_ATTEMPTS = 3
 MAX_IN_FLIGHT = 2
 LAG_SAMPLE_EVERY_S = 2.0
 SUMMARY_EVERY_S = 10.0
+# how long a stop may wait for acknowledgements before it gives up on them
+STOP_DEADLINE_S = 12.0
+RETRY_BACKOFF_S = (0.5, 30.0)  # first and longest pause between retries of a batch
+# the broker's default message.max.bytes, used when no topic limit can be read
+DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
+
+# Produce errors no retry can cure: the record is dead-lettered instead. librdkafka
+# reports every delivery error with retriable() False (it already retried the retriable
+# ones for message.timeout.ms), so the split is this explicit set; anything else is retried.
+PERMANENT_ERRORS: Final = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,  # also librdkafka's local size check
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_TIMESTAMP,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,  # invalid topic name
+        # reported only after librdkafka's own metadata refreshes gave up on the topic
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+FaultPoint = Literal["after-handle", "after-produce"]
+FAULT_POINTS: Final[tuple[FaultPoint, ...]] = ("after-handle", "after-produce")
+FAULT_ENV: Final = "ORDERMESH_FAULT"
+FAULT_AFTER_ENV: Final = "ORDERMESH_FAULT_AFTER"
+
+
+def is_permanent(err: KafkaError) -> bool:
+    """Whether a produce error is one a retry cannot cure."""
+    return err.code() in PERMANENT_ERRORS
 
 
 class BatchHandler(Protocol):
@@ -49,6 +114,9 @@ class RunnerStats:
     commit_failures: int = 0
     rebalances: int = 0
     last_batch_size: int = 0
+    undecodable: int = 0
+    produce_retries: int = 0
+    produce_dead_lettered: int = 0
     handle_seconds: float = 0.0
     produce_seconds: float = 0.0
     poll_seconds: float = 0.0
@@ -56,6 +124,8 @@ class RunnerStats:
     first_batch_at: float | None = None
     last_commit_at: float | None = None
     assigned: set[tuple[str, int]] = field(default_factory=set)
+    # (topic, partition) -> offset of the record that blocks it
+    blocked: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class _Delivery:
@@ -65,13 +135,13 @@ class _Delivery:
 
     def __init__(self) -> None:
         self.pending = 0
-        self.failed: list[tuple[OutRecord, str]] = []
+        self.failed: list[tuple[OutRecord, KafkaError]] = []
 
     def callback(self, record: OutRecord) -> Callable[[Any, Any], None]:
         def on_delivery(err: Any, _msg: Any) -> None:
             self.pending -= 1
             if err is not None:
-                self.failed.append((record, str(err)))
+                self.failed.append((record, err))
 
         return on_delivery
 
@@ -79,12 +149,19 @@ class _Delivery:
 class _Batch:
     """A handled batch whose outputs are not all acknowledged yet."""
 
-    __slots__ = ("attempts", "delivery", "offsets")
+    __slots__ = ("attempts", "delivery", "offsets", "records")
 
-    def __init__(self, offsets: list[TopicPartition], delivery: _Delivery) -> None:
+    def __init__(
+        self, records: list[InRecord], offsets: list[TopicPartition], delivery: _Delivery
+    ) -> None:
+        self.records = records  # only read to find the input of a refused output
         self.offsets = offsets
         self.delivery = delivery
         self.attempts = 1
+
+
+class _StopDeadline(Exception):
+    """The stop deadline passed with acknowledgements outstanding."""
 
 
 def _next_offsets(records: list[InRecord]) -> list[TopicPartition]:
@@ -98,6 +175,7 @@ def _next_offsets(records: list[InRecord]) -> list[TopicPartition]:
 
 
 def to_in_record(msg: Any) -> InRecord:
+    """The record of a polled message; raises if its headers cannot be decoded."""
     headers = msg.headers()
     return InRecord(
         msg.topic(),
@@ -108,6 +186,78 @@ def to_in_record(msg: Any) -> InRecord:
         headers if headers is not None else [],
         msg.timestamp()[1],
     )
+
+
+def undecodable_record(msg: Any, exc: BaseException) -> InRecord:
+    """The record of a message whose headers could not be decoded: key and value kept,
+    headers replaced by one ``UNDECODABLE_HEADER`` saying why."""
+    # confluent-kafka decodes header names as UTF-8 and fails on the first bad one with a
+    # SystemError (a UnicodeDecodeError as its cause). A second headers() call returns a
+    # list holding a NULL: never call it again on this message.
+    cause = exc.__cause__ or exc.__context__ or exc
+    reason = f"header names are not valid UTF-8 ({type(cause).__name__}: {cause})"
+    return InRecord(
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        msg.key(),
+        msg.value(),
+        [(UNDECODABLE_HEADER, reason[:1000].encode("utf-8", "replace"))],
+        msg.timestamp()[1],
+    )
+
+
+def read_record(msg: Any) -> InRecord:
+    """``to_in_record``, or ``undecodable_record`` when the headers cannot be decoded."""
+    try:
+        return to_in_record(msg)
+    except Exception as exc:  # noqa: BLE001 - SystemError/UnicodeDecodeError from the client
+        return undecodable_record(msg, exc)
+
+
+def message_limit(settings: Settings, topics: Sequence[str], timeout_s: float = 5.0) -> int:
+    """The smallest ``max.message.bytes`` of ``topics``; else the broker's
+    ``message.max.bytes``; else the broker default."""
+    admin = make_admin(settings)
+    limits: list[int] = []
+    try:
+        futures = admin.describe_configs(
+            [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics],
+            request_timeout=timeout_s,
+        )
+        for resource, future in futures.items():
+            try:
+                entry = future.result(timeout=timeout_s).get("max.message.bytes")
+                if entry is not None and entry.value is not None:
+                    limits.append(int(entry.value))
+            except (KafkaException, ValueError, TimeoutError) as exc:
+                log.warning("max.message.bytes of %s not readable: %s", resource.name, exc)
+        if limits:
+            return min(limits)
+        brokers = admin.list_topics(timeout=timeout_s).brokers
+        if brokers:
+            resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
+            configs = admin.describe_configs([resource], request_timeout=timeout_s)
+            entry = configs[resource].result(timeout=timeout_s).get("message.max.bytes")
+            if entry is not None and entry.value is not None:
+                return int(entry.value)
+    except (KafkaException, ValueError, TimeoutError) as exc:
+        log.warning("message size limits not readable (%s); assuming the default", exc)
+    return DEFAULT_MESSAGE_MAX_BYTES
+
+
+def _fault_from_env() -> tuple[FaultPoint | None, int]:
+    """The crash-test fault hook: ``ORDERMESH_FAULT`` point and after how many batches."""
+    point = os.environ.get(FAULT_ENV)
+    if not point:
+        return None, 0
+    if point not in FAULT_POINTS:
+        raise ConfigError(f"{FAULT_ENV}={point!r}: expected one of {', '.join(FAULT_POINTS)}")
+    try:
+        after = int(os.environ.get(FAULT_AFTER_ENV, "1"))
+    except ValueError:
+        raise ConfigError(f"{FAULT_AFTER_ENV} must be an integer") from None
+    return point, max(1, after)
 
 
 class BatchRunner:
@@ -124,25 +274,41 @@ class BatchRunner:
         consumer: Consumer | None = None,
         producer: Producer | None = None,
         pipelined: bool = True,
+        outputs: Sequence[str] | None = None,
     ) -> None:
+        """``outputs``: the topics the handler produces to (default: every mesh topic);
+        the producer refuses locally what the smallest of their size limits would refuse."""
         self.settings = settings
         self.topics = list(topics)
         self.handler = handler
         self.name = name
         self.max_batch = settings.batch_max
         self.timeout = settings.batch_timeout_s
+        self._dlq_topic = settings.topic(DLQ)
         self.consumer = consumer or make_consumer(settings, group, on_commit=self._on_commit)
-        self.producer = producer or make_producer(settings)
+        if producer is None:
+            targets = outputs if outputs is not None else [settings.topic(s.name) for s in SPECS]
+            limit = message_limit(settings, targets)
+            producer = make_producer(
+                settings,
+                **{"message.max.bytes": limit, "batch.size": min(limit, 1_000_000)},
+            )
+        self.producer = producer
         self.stats = RunnerStats()
         self._stop = threading.Event()
+        self._deadline: float | None = None
         self.pipelined = pipelined
         self._in_flight: deque[_Batch] = deque()
+        self._blocked = self.stats.blocked
         self.metrics = RunnerMetrics(name, settings.group(group))
-        self._dlq_topic = settings.topic(DLQ)
+        # read once: the hook costs one `is None` test per batch when unset
+        self._fault, self._fault_after = _fault_from_env()
 
     # --- control ---------------------------------------------------------------------
 
     def request_stop(self, *_: Any) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + STOP_DEADLINE_S
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
@@ -162,20 +328,29 @@ class BatchRunner:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # finish the in-flight batches and commit them before the partitions move on, so
         # the next owner does not redo them
-        self._settle(drain=True)
+        try:
+            self._settle(drain=True)
+        except _StopDeadline:
+            self._give_up()
         self.stats.rebalances += 1
         self.metrics.rebalances.labels(self.name).inc()
-        self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.stats.assigned -= gone
+        self._unblock(gone)
         log.info("%s: revoked %s", self.name, _fmt(partitions))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Lost partitions already belong to someone else: committing would be wrong, so
-        # in-flight batches are forgotten (their outputs may still be delivered: the new
-        # owner's redelivery then yields identical copies, which at-least-once allows).
-        self._in_flight.clear()
+        # Lost partitions already belong to someone else: committing them would be wrong,
+        # so their offsets are dropped from the in-flight batches (their outputs may still
+        # be delivered: the new owner's redelivery then yields identical copies, which
+        # at-least-once allows). The other partitions' offsets stay and are committed.
+        gone = {(p.topic, p.partition) for p in partitions}
+        for batch in self._in_flight:
+            batch.offsets = [tp for tp in batch.offsets if (tp.topic, tp.partition) not in gone]
         self.stats.rebalances += 1
         self.metrics.rebalances.labels(self.name).inc()
-        self.stats.assigned -= {(p.topic, p.partition) for p in partitions}
+        self.stats.assigned -= gone
+        self._unblock(gone)
         log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
 
     # --- loop ------------------------------------------------------------------------
@@ -202,10 +377,9 @@ class BatchRunner:
                 now = time.monotonic()
                 if msgs:
                     self.stats.poll_seconds += now - t0
-                if msgs:
-                    records = self._records(msgs)
-                    if records:
-                        self.process(records)
+                    records, poison = self._records(msgs)
+                    if records or poison:
+                        self.process(records, poison)
                         last_data = now
                 elif self._in_flight:
                     # nothing new: commit what has been acknowledged meanwhile
@@ -230,47 +404,65 @@ class BatchRunner:
                     )
                     summary_in = self.stats.records_in
                     last_summary = now
+        except _StopDeadline:
+            pass  # close() gives up on the rest and says so
         finally:
             self.close()
         return self.stats
 
-    def _records(self, msgs: list[Any]) -> list[InRecord]:
+    def _records(self, msgs: list[Any]) -> tuple[list[InRecord], list[InRecord]]:
+        """The decodable records of ``msgs`` and the undecodable ones (to dead-letter)."""
         records = []
+        poison: list[InRecord] = []
         for msg in msgs:
             err = msg.error()
             if err is None:
-                records.append(to_in_record(msg))
+                try:
+                    records.append(to_in_record(msg))
+                except Exception as exc:  # noqa: BLE001 - see undecodable_record
+                    poison.append(undecodable_record(msg, exc))
             elif err.code() == KafkaError._PARTITION_EOF:
                 continue
             elif err.fatal():
                 raise KafkaException(err)
             else:
                 log.warning("%s: consumer error: %s", self.name, err)
-        return records
+        if self._blocked:
+            # fetched before the pause: leave them to whoever unblocks the partition
+            blocked = self._blocked
+            records = [r for r in records if (r.topic, r.partition) not in blocked]
+            poison = [r for r in poison if (r.topic, r.partition) not in blocked]
+        return records, poison
 
-    def process(self, records: list[InRecord]) -> None:
+    def process(self, records: list[InRecord], poison: Sequence[InRecord] = ()) -> None:
         """Handle one batch and produce its outputs; its offsets commit once all are acked.
 
-        Pipelined: while the acks of a batch are outstanding the next batch is handled,
-        and at most ``MAX_IN_FLIGHT`` batches wait. Commits stay in batch order.
+        ``poison``: records that cannot be decoded; they skip the handler and go to the
+        DLQ. Pipelined: while the acks of a batch are outstanding the next batch is
+        handled, and at most ``MAX_IN_FLIGHT`` batches wait. Commits stay in batch order.
         """
         t0 = time.perf_counter()
         if self.stats.first_batch_at is None:
             self.stats.first_batch_at = time.monotonic()
-        outs = self.handler.handle(records)
+        outs = self.handler.handle(records) if records else []
+        if self._fault is not None:
+            self._fault_point("after-handle")
         t1 = time.perf_counter()
-        offsets = _next_offsets(records)
+        if poison:
+            outs = outs + [self._dead_letter_undecodable(rec) for rec in poison]
+            records = records + list(poison)
+        delivery = _Delivery()
+        for out in outs:
+            self._produce(out, delivery)
+        self.producer.poll(0)
+        self._in_flight.append(_Batch(records, _next_offsets(records), delivery))
         if self.pipelined:
-            delivery = _Delivery()
-            for out in outs:
-                delivery.pending += 1
-                self._produce(out, delivery.callback(out))
-            self.producer.poll(0)
-            self._in_flight.append(_Batch(offsets, delivery))
             self._settle(wait=len(self._in_flight) > MAX_IN_FLIGHT)
         else:
-            self._produce_all(outs)
-            self._commit(offsets, asynchronous=False)
+            # flush sends at once instead of waiting linger.ms; bounded, as the broker may
+            # be down (the drain below keeps waiting, under the stop deadline)
+            self.producer.flush(1.0)
+            self._settle(drain=True)
         t2 = time.perf_counter()
         self.metrics.observe_batch(
             Counter(r.topic for r in records),
@@ -287,6 +479,19 @@ class BatchRunner:
         st.handle_seconds += t1 - t0
         st.produce_seconds += t2 - t1
 
+    def _dead_letter_undecodable(self, rec: InRecord) -> OutRecord:
+        reason = header(rec.headers, UNDECODABLE_HEADER) or b"headers not decodable"
+        self.stats.undecodable += 1
+        log.warning("%s: %s has undecodable headers; dead-lettering it", self.name, rec.where())
+        return dead_letter(
+            rec._replace(headers=[]),
+            dlq_topic=self._dlq_topic,
+            service=self.name,
+            stage="decode",
+            error_class=HEADER_DECODE_ERROR,
+            message=reason.decode(errors="replace"),
+        )
+
     def _settle(self, *, wait: bool = False, drain: bool = False) -> None:
         """Commit the acknowledged batches at the head of the queue, in order.
 
@@ -299,69 +504,129 @@ class BatchRunner:
             if head.delivery.pending > 0:
                 if not (wait or drain):
                     break
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    raise _StopDeadline
                 self.producer.poll(0.005)
                 continue
             if head.delivery.failed:
-                self._retry(head)
+                self._resolve(head)
                 continue
             done.append(self._in_flight.popleft())
             wait = False
         if done:
+            if self._fault is not None:
+                self._fault_point("after-produce")
             merged: dict[tuple[str, int], int] = {}
             for batch in done:
                 for tp in batch.offsets:
                     merged[(tp.topic, tp.partition)] = tp.offset
+            if self._blocked:
+                # nothing at or past a blocking record is committed
+                for key, offset in self._blocked.items():
+                    if key in merged:
+                        merged[key] = min(merged[key], offset)
             offsets = [TopicPartition(t, p, o) for (t, p), o in merged.items()]
-            # the last commit before partitions move or the process ends is synchronous
-            self._commit(offsets, asynchronous=not drain)
+            if offsets:
+                # the last commit before partitions move or the process ends is synchronous
+                self._commit(offsets, asynchronous=not drain)
 
-    def _retry(self, batch: _Batch) -> None:
+    # --- produce errors --------------------------------------------------------------
+
+    def _resolve(self, batch: _Batch) -> None:
+        """Deal with the refused records of ``batch``: retry, dead-letter or block."""
         failed = batch.delivery.failed
-        batch.attempts += 1
-        log.warning(
-            "%s: %d records not acknowledged (attempt %d): %s",
-            self.name,
-            len(failed),
-            batch.attempts - 1,
-            failed[0][1],
-        )
-        if batch.attempts > DELIVERY_ATTEMPTS:
-            raise DeliveryError(
-                f"{len(failed)} records not acknowledged after {DELIVERY_ATTEMPTS} tries"
-            )
-        retry = _Delivery()
-        for out, _err in failed:
-            retry.pending += 1
-            self._produce(out, retry.callback(out))
-        batch.delivery = retry
-
-    def _produce_all(self, outs: list[OutRecord]) -> None:
-        pending = outs
-        for attempt in range(1, DELIVERY_ATTEMPTS + 1):
-            delivery = _Delivery()
-            for out in pending:
-                delivery.pending += 1
-                self._produce(out, delivery.callback(out))
-            self.producer.flush()
-            if delivery.pending:
-                # flush() without a timeout returns only when the queue is empty
-                raise DeliveryError(f"{delivery.pending} deliveries unreported after flush")
-            if not delivery.failed:
-                return
+        batch.delivery.failed = []
+        retry: list[OutRecord] = []
+        for out, err in failed:
+            permanent = is_permanent(err)
+            self.metrics.produce_errors.labels(
+                self.name, err.name(), "permanent" if permanent else "retriable"
+            ).inc()
+            if err.fatal():
+                # the idempotent producer is unusable; a restart gets a new one
+                raise DeliveryError(f"fatal producer error on {out.topic}: {err}")
+            if not permanent:
+                retry.append(out)
+                continue
+            replacement = self._after_permanent(batch, out, err)
+            if replacement is not None:
+                self.metrics.dlq_writes.labels(self.name).inc()
+                self._produce(replacement, batch.delivery)
+        if retry:
+            batch.attempts += 1
+            self.stats.produce_retries += len(retry)
+            low, high = RETRY_BACKOFF_S
+            pause = min(high, low * 2 ** (batch.attempts - 2))
             log.warning(
-                "%s: %d of %d records not acknowledged (attempt %d): %s",
+                "%s: %d records not acknowledged (attempt %d), retrying in %.1fs: %s",
                 self.name,
-                len(delivery.failed),
-                len(pending),
-                attempt,
-                delivery.failed[0][1],
+                len(retry),
+                batch.attempts - 1,
+                pause,
+                _describe(retry[0], failed),
             )
-            pending = [rec for rec, _ in delivery.failed]
-        raise DeliveryError(
-            f"{len(pending)} records not acknowledged after {DELIVERY_ATTEMPTS} tries"
+            # a stop wakes this up; the retry then runs under the stop deadline
+            self._stop.wait(pause)
+            for out in retry:
+                self._produce(out, batch.delivery)
+
+    def _after_permanent(self, batch: _Batch, out: OutRecord, err: KafkaError) -> OutRecord | None:
+        """The record to produce instead of ``out``, which Kafka refused for good; None
+        when there is none (the partition is then blocked)."""
+        why = f"producing to {out.topic} failed: {err.str()}"
+        if out.topic != self._dlq_topic:
+            source = out.source or _same_key(batch.records, out.key)
+            if source is not None:
+                self.stats.produce_dead_lettered += 1
+                log.warning("%s: %s: %s; dead-lettering it", self.name, source.where(), why)
+                return dead_letter(
+                    source,
+                    dlq_topic=self._dlq_topic,
+                    service=self.name,
+                    stage="produce",
+                    error_class=err.name(),
+                    message=why,
+                )
+        elif not is_truncated(out):
+            log.warning("%s: DLQ copy refused (%s); sending a truncated copy", self.name, why)
+            return truncated_dead_letter(out)
+        where = _origin(out, batch)
+        if where is None:
+            # nothing tells which input this was: none of the batch's partitions may move
+            for tp in batch.offsets:
+                self._block(tp.topic, tp.partition, _first_offset(batch, tp), why)
+        else:
+            self._block(*where, why)
+        return None
+
+    def _block(self, topic: str, partition: int, offset: int, why: str) -> None:
+        key = (topic, partition)
+        if key not in self.stats.assigned:
+            return  # already revoked or lost: the next owner retries it
+        if key in self._blocked:
+            self._blocked[key] = min(self._blocked[key], offset)
+            return
+        self._blocked[key] = offset
+        self.consumer.pause([TopicPartition(topic, partition)])
+        self.metrics.partitions_blocked.labels(self.name).set(len(self._blocked))
+        log.error(
+            "%s: %s[%d]@%d blocked: not processable and not dead-letterable (%s); "
+            "partition paused, nothing from this offset on is committed",
+            self.name,
+            topic,
+            partition,
+            offset,
+            why,
         )
 
-    def _produce(self, out: OutRecord, on_delivery: Callable[[Any, Any], None]) -> None:
+    def _unblock(self, partitions: set[tuple[str, int]]) -> None:
+        # the next owner starts from the committed offset and tries the record again
+        if self._blocked and partitions & self._blocked.keys():
+            for key in partitions:
+                self._blocked.pop(key, None)
+            self.metrics.partitions_blocked.labels(self.name).set(len(self._blocked))
+
+    def _produce(self, out: OutRecord, delivery: _Delivery) -> None:
         while True:
             try:
                 self.producer.produce(
@@ -369,12 +634,17 @@ class BatchRunner:
                     out.value,
                     out.key,
                     headers=out.headers or None,  # type: ignore[arg-type]
-                    on_delivery=on_delivery,
+                    on_delivery=delivery.callback(out),
                 )
+                delivery.pending += 1
                 return
             except BufferError:
                 # local queue full: serve delivery reports to make room
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                # refused before sending (too large, unknown topic): as if reported
+                delivery.failed.append((out, exc.args[0]))
+                return
 
     def _commit(self, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
         try:
@@ -398,10 +668,37 @@ class BatchRunner:
             self.metrics.commit_failures.labels(self.name).inc()
             log.warning("%s: async commit failed (%s); may be redelivered", self.name, err)
 
+    def _fault_point(self, point: FaultPoint) -> None:
+        """Crash-test hook: SIGKILL this process at ``point`` after N batches."""
+        if point != self._fault:
+            return
+        self._fault_after -= 1
+        if self._fault_after <= 0:
+            log.warning("%s: %s=%s reached: killing the process", self.name, FAULT_ENV, point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _give_up(self) -> None:
+        """After the stop deadline: forget what is not acknowledged, commit nothing of it."""
+        if self._in_flight:
+            log.warning(
+                "%s: stop deadline of %.0fs passed with %d batches not acknowledged; "
+                "exiting without committing them (they will be redelivered)",
+                self.name,
+                STOP_DEADLINE_S,
+                len(self._in_flight),
+            )
+            self._in_flight.clear()
+        self.producer.purge()  # at-least-once: what is unacked is redone by the next run
+
     def close(self) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + STOP_DEADLINE_S
         try:
-            self._settle(drain=True)
-            self.producer.flush(10)
+            try:
+                self._settle(drain=True)
+                self.producer.flush(max(0.0, self._deadline - time.monotonic()))
+            except _StopDeadline:
+                self._give_up()
         finally:
             self.consumer.close()
             self.metrics.stop()
@@ -412,6 +709,45 @@ class BatchRunner:
             self.stats.records_out,
             self.stats.batches,
         )
+
+
+def _same_key(records: list[InRecord], key: bytes | None) -> InRecord | None:
+    """The last record of ``records`` with ``key`` (services key every output by order_id)."""
+    if key is None:
+        return None
+    for rec in reversed(records):
+        if rec.key == key:
+            return rec
+    return None
+
+
+def _origin(out: OutRecord, batch: _Batch) -> tuple[str, int, int] | None:
+    """topic, partition and offset of the input a DLQ record ``out`` stands for."""
+    if out.source is not None:
+        return out.source.topic, out.source.partition, out.source.offset
+    topic = header(out.headers, ERROR_HEADER_PREFIX + "topic")
+    partition = header(out.headers, ERROR_HEADER_PREFIX + "partition")
+    offset = header(out.headers, ERROR_HEADER_PREFIX + "offset")
+    if topic is not None and partition is not None and offset is not None:
+        try:
+            return topic.decode(), int(partition), int(offset)
+        except ValueError:
+            pass
+    source = _same_key(batch.records, out.key)
+    return None if source is None else (source.topic, source.partition, source.offset)
+
+
+def _first_offset(batch: _Batch, tp: TopicPartition) -> int:
+    return min(
+        r.offset for r in batch.records if (r.topic, r.partition) == (tp.topic, tp.partition)
+    )
+
+
+def _describe(out: OutRecord, failed: list[tuple[OutRecord, KafkaError]]) -> str:
+    for record, err in failed:
+        if record is out:
+            return f"{out.topic}: {err.name()} ({err.str()})"
+    return out.topic
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

@@ -24,6 +24,10 @@ Choices worth knowing:
   to replay, so old entries, which stay in the topic forever, never fan out again), and a
   second DLQ entry of the same source record (at-least-once can dead-letter a record
   twice; one copy is enough).
+- Skipped, with why: an entry whose ``ordermesh.error.topic`` names a topic OrderMesh does
+  not consume (``REPLAY_TOPICS`` under the deployment's topic prefix). The header is just
+  bytes in a record anyone able to write to the DLQ could have made; a replay must never
+  become a way to publish arbitrary bytes to an arbitrary topic (the DLQ itself included).
 - A replayed record keeps the original key, value and headers, with
   ``ordermesh.replay.count`` = count + 1 and ``ordermesh.replay.from`` = the DLQ entry
   (``topic[p]@o``); error headers are dropped. When it fails again, the service's
@@ -49,17 +53,22 @@ import msgspec
 from ordermesh.records import (
     ERROR_HEADER_PREFIX,
     REPLAY_COUNT_HEADER,
+    TRUNCATED_HEADER,
     Headers,
     InRecord,
     OutRecord,
     header,
 )
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 
 logger = logging.getLogger(__name__)
 
 REPLAY_FROM_HEADER: Final = "ordermesh.replay.from"
 UNKNOWN_REASON: Final = "unknown"
 MAX_ORDER_ID: Final = 64
+# The topics OrderMesh services consume, and so the only ones a replay may write to
+# (unprefixed names; see replay_topics).
+REPLAY_TOPICS: Final = (ORDERS, COMMANDS, EVENTS)
 
 # `"order_id": "..."` anywhere in the bytes: finds the id in truncated or non-UTF-8 JSON
 _ORDER_ID_RE: Final = re.compile(rb'"order_id"\s*:\s*"([^"\\]{1,64})"')
@@ -77,7 +86,7 @@ class DlqEntry:
     key: bytes | None
     value: bytes | None
     headers: Headers  # the original headers, error headers removed
-    error_headers: dict[str, str]  # ``ordermesh.error.<name>`` -> text, as found
+    error_headers: dict[str, str]  # ``<name>`` of ``ordermesh.error.<name>`` -> text
     source_topic: str | None
     source_partition: int | None
     source_offset: int | None
@@ -326,15 +335,31 @@ class Refusal:
 
 @dataclass
 class ReplayPlan:
-    """What a replay would do; ``unmatched`` lists selectors that matched no entry."""
+    """What a replay would do; ``unmatched`` lists selectors that matched no entry.
+
+    ``skipped`` holds entries whose source topic is not one a replay may write to.
+    """
 
     replays: list[Replay] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    skipped: list[Refusal] = field(default_factory=list)
 
     @property
     def matched(self) -> int:
-        return len(self.replays) + len(self.refused)
+        return len(self.replays) + len(self.refused) + len(self.skipped)
+
+
+def replay_topics(dlq_topic: str) -> frozenset[str]:
+    """The topics entries of ``dlq_topic`` may go back to: ``REPLAY_TOPICS``, same prefix.
+
+    The prefix is read off the DLQ topic's own name (``<prefix>orders-dlq``, as
+    ``Settings.topic`` builds both); a DLQ topic not named so allows none.
+    """
+    if not dlq_topic.endswith(DLQ):
+        return frozenset()
+    prefix = dlq_topic[: -len(DLQ)]
+    return frozenset(prefix + name for name in REPLAY_TOPICS)
 
 
 def replay_record(entry: DlqEntry) -> OutRecord:
@@ -367,12 +392,14 @@ def plan_replay(
     reasons: Collection[str] = (),
     offsets: Collection[DlqOffset] = (),
     max_replays: int,
+    allowed_topics: Collection[str] | None = None,
 ) -> ReplayPlan:
     """Select entries (see the module docstring), refuse what must not go, build the rest.
 
     ``entries`` should be the whole DLQ: superseded entries and duplicates are found
     through the other entries, selected or not. Replays come in DLQ (partition, offset)
-    order, which keeps the original order of each key.
+    order, which keeps the original order of each key. ``allowed_topics`` are the topics
+    a replay may write to; by default ``replay_topics`` of each entry's DLQ topic.
     """
     if not reasons and not offsets:
         raise ValueError("select entries by reason and/or DLQ offset")
@@ -415,6 +442,17 @@ def plan_replay(
             ambiguous.pop(pos, None)  # also named exactly: not ambiguous
 
     for entry in selected:
+        allowed = replay_topics(entry.dlq_topic) if allowed_topics is None else allowed_topics
+        if entry.source_topic is not None and entry.source_topic not in allowed:
+            shown = ", ".join(sorted(allowed)) or "none"
+            plan.skipped.append(
+                Refusal(
+                    entry,
+                    f"source topic {entry.source_topic!r} is not one OrderMesh consumes"
+                    f" ({shown}); not replayed",
+                )
+            )
+            continue
         why = ambiguous.get(_pos(entry)) or _refusal(
             entry, superseded, first_of_source, max_replays
         )
@@ -441,6 +479,10 @@ def _refusal(
         return f"duplicate of {first.where()} (same source record {entry.source()})"
     if entry.source_topic is None:
         return "no source topic header: nowhere to replay to"
+    if TRUNCATED_HEADER.removeprefix(ERROR_HEADER_PREFIX) in entry.error_headers:
+        # the original did not fit the DLQ: its bytes here are cut, replaying them would
+        # put a different (broken) record on the topic
+        return "truncated copy: the original bytes are not all in the DLQ"
     if entry.replay_count is None:
         return f"unreadable {REPLAY_COUNT_HEADER} header"
     if entry.replay_count >= max_replays:

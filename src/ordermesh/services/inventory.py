@@ -2,7 +2,7 @@
 
 ``InventoryService.handle(batch)`` turns a batch of consumed records into the records to
 produce. The runner produces them, waits for every ack, and only then commits offsets;
-a crash anywhere redelivers the batch, so ``handle`` is idempotent per order_id: a known
+a crash anywhere redelivers the batch, so ``handle`` is idempotent per order: a known
 order (or an already cancelled one) re-emits the exact bytes stored with its decision and
 changes nothing.
 
@@ -11,6 +11,11 @@ Choices worth knowing:
 - The whole batch is one ``BEGIN IMMEDIATE`` transaction; outputs are returned only after
   COMMIT. Decoding happens before the transaction to keep the write lock short.
 - One decision time (``clock()``) per batch: the batch is decided atomically.
+- "Known" means same order_id *and* same body (``schema.order_fingerprint``, stored
+  with the decision). An order_id reused for another body is not a redelivery: it goes to
+  the DLQ (stage ``place``, class ``DuplicateOrderId``) and changes nothing, rather than
+  silently getting the first order's outcome. Orders decided before the fingerprint was
+  stored have none and are answered as redeliveries, as they always were.
 - A redelivered ``OrderPlaced`` of a cancelled order re-emits its original outcome
   (``OrderReserved``), not the cancel events: it answers the message that was redelivered.
   Consumers of ``order-events`` must not move a status backwards (architecture rule).
@@ -56,6 +61,7 @@ from ordermesh.stores.inventory import (
 logger = logging.getLogger(__name__)
 
 CANCEL_REJECTED: Final = "CancelRejected"
+DUPLICATE_ORDER_ID: Final = "DuplicateOrderId"
 
 
 @dataclass
@@ -86,7 +92,7 @@ class InventoryStats:
 class _Order:
     """In-batch view of one order: loaded from the store or decided in this batch."""
 
-    __slots__ = ("cancel", "items", "new", "outcome", "status")
+    __slots__ = ("body_hash", "cancel", "items", "new", "outcome", "status")
 
     def __init__(
         self,
@@ -95,12 +101,14 @@ class _Order:
         outcome: bytes,
         cancel: tuple[bytes, bytes] | None,
         new: NewOrder | None,
+        body_hash: bytes | None,
     ) -> None:
         self.status = status
         self.items = items
         self.outcome = outcome
         self.cancel = cancel
         self.new = new  # the row to insert, when decided in this batch
+        self.body_hash = body_hash
 
 
 class _Batch:
@@ -153,7 +161,8 @@ class InventoryService:
         if not batch:
             return []
         started = time.perf_counter()
-        work: list[tuple[InRecord, OrderPlaced | CancelOrder | OutRecord]] = []
+        # (record, task, fingerprint of the order; b"" for other tasks)
+        work: list[tuple[InRecord, OrderPlaced | CancelOrder | OutRecord, bytes]] = []
         order_ids: set[str] = set()
         skus: set[str] = set()
         # decode outside the transaction: CPU only, keeps the cross-process lock short
@@ -162,30 +171,36 @@ class InventoryService:
                 try:
                     order = self._decode_order(record.value)
                 except DecodeError as exc:
-                    work.append((record, self._decode_dlq(record, exc)))
+                    work.append((record, self._decode_dlq(record, exc), b""))
                     continue
                 order_ids.add(order.order_id)
                 for item in order.items:
                     skus.add(item.sku)
-                work.append((record, order))
+                work.append((record, order, schema.order_fingerprint(order)))
             elif record.topic == self.commands_topic:
                 try:
                     command = schema.decode_command(record.value)
                 except DecodeError as exc:
-                    work.append((record, self._decode_dlq(record, exc)))
+                    work.append((record, self._decode_dlq(record, exc), b""))
                     continue
                 order_ids.add(command.order_id)
-                work.append((record, command))
+                work.append((record, command, b""))
             else:
                 message = f"inventory does not consume {record.topic!r}"
-                work.append((record, self._dlq(record, "route", "UnexpectedTopic", message)))
+                dlq = self._dlq(record, "route", "UnexpectedTopic", message)
+                work.append((record, dlq, b""))
 
         state = _Batch(self._clock())
         # a batch of nothing but dead letters must not wait for the shared database's lock
         with self.store.transaction() if order_ids else nullcontext():
             for order_id, known in self.store.load_orders(order_ids).items():
                 state.orders[order_id] = _Order(
-                    known.status, known.items, known.outcome, known.cancel_outcome, None
+                    known.status,
+                    known.items,
+                    known.outcome,
+                    known.cancel_outcome,
+                    None,
+                    known.body_hash,
                 )
                 if known.status == "RESERVED":
                     # a cancel in this batch may release stock of skus no order here uses
@@ -193,10 +208,10 @@ class InventoryService:
             for row in self.store.load_stock(skus).values():
                 state.stock[row.sku] = [row.available, row.reserved]
 
-            for record, task in work:
+            for record, task, body_hash in work:
                 try:
                     if isinstance(task, OrderPlaced):
-                        self._place(state, record, task)
+                        self._place(state, record, task, body_hash)
                     elif isinstance(task, CancelOrder):
                         self._cancel(state, record, task)
                     else:
@@ -240,10 +255,21 @@ class InventoryService:
 
     # --- orders ------------------------------------------------------------------------
 
-    def _place(self, state: _Batch, record: InRecord, order: OrderPlaced) -> None:
+    def _place(self, state: _Batch, record: InRecord, order: OrderPlaced, body_hash: bytes) -> None:
         key = order.order_id.encode()
         known = state.orders.get(order.order_id)
         if known is not None:
+            if known.body_hash is not None and known.body_hash != body_hash:
+                dlq = self._dlq(
+                    record,
+                    "place",
+                    DUPLICATE_ORDER_ID,
+                    f"order id {order.order_id!r} was already decided ({known.status}) for"
+                    " another order body; this one is not placed (use a new order id)",
+                )
+                state.out.append(dlq)
+                self._count_dlq(state, record, dlq)
+                return
             state.out.append(OutRecord(self.events_topic, key, known.outcome))
             state.stats.duplicates += 1
             return
@@ -302,8 +328,10 @@ class InventoryService:
             )
             state.stats.rejected[reason] = state.stats.rejected.get(reason, 0) + 1
 
-        new = NewOrder(order.order_id, status, reason, items, outcome, state.now, record.where())
-        state.orders[order.order_id] = _Order(status, items, outcome, None, new)
+        new = NewOrder(
+            order.order_id, status, reason, items, outcome, state.now, record.where(), body_hash
+        )
+        state.orders[order.order_id] = _Order(status, items, outcome, None, new, body_hash)
         state.new_orders.append(order.order_id)
         state.out.append(OutRecord(self.events_topic, key, outcome))
 

@@ -10,6 +10,10 @@ Rules and the choices behind them:
   service owns the DLQ entry of ``orders`` records, and a second copy from here would
   break "every bad message is in the DLQ exactly once".
 - An undecodable ``order-events`` record goes to the DLQ (stage ``decode``).
+- A second ``OrderPlaced`` of a known order_id with another body
+  (``schema.order_fingerprint`` differs) is counted as a conflict, logged and skipped:
+  the tracked items stay those of the first copy. Not dead-lettered, for the reason
+  above: the inventory reads the same record and dead-letters it (``DuplicateOrderId``).
 - Status only moves forward: PLACED < RESERVED | REJECTED < CANCELLED. History holds one
   row per (order, event type), so a redelivered or late event changes nothing.
 - ``orders`` and ``order-events`` are different topics, so an order's events can be read
@@ -79,6 +83,8 @@ class TrackerStats:
     parked: int = 0
     unparked: int = 0
     malformed_orders: int = 0
+    # OrderPlaced copies reusing a known order_id for another body (ignored)
+    conflicts: int = 0
     dlq: int = 0
 
     def add(self, other: TrackerStats) -> None:
@@ -90,6 +96,7 @@ class _Tracked:
     """In-batch view of one order: loaded from the store or placed in this batch."""
 
     __slots__ = (
+        "body_hash",
         "cancelled_at",
         "decided_at",
         "detail",
@@ -110,8 +117,10 @@ class _Tracked:
         detail: str | None,
         updated_at: float,
         seq: int,
+        body_hash: bytes | None,
         placed: OrderPlaced | None = None,
     ) -> None:
+        self.body_hash = body_hash  # None: recorded before fingerprints were kept
         self.status = status
         self.decided_at = decided_at
         self.cancelled_at = cancelled_at
@@ -141,6 +150,7 @@ class _Batch:
         self.stored_pending: dict[str, list[_Parked]] = {}
         self.unparked_ids: list[str] = []
         self.stats = TrackerStats(batches=1)
+        self.first_conflict: str | None = None
 
 
 def _history_detail(event: OrderEvent) -> str:
@@ -203,7 +213,8 @@ class TrackerService:
         started = time.perf_counter()
         out: list[OutRecord] = []
         stats = TrackerStats(batches=1, records=len(batch))
-        work: list[tuple[InRecord, OrderPlaced | OrderEvent]] = []
+        # (record, task, fingerprint of an OrderPlaced; b"" for events)
+        work: list[tuple[InRecord, OrderPlaced | OrderEvent, bytes]] = []
         order_ids: set[str] = set()
         placed_ids: set[str] = set()
         first_dlq: str | None = None
@@ -222,7 +233,7 @@ class TrackerService:
                     continue
                 order_ids.add(order.order_id)
                 placed_ids.add(order.order_id)
-                work.append((record, order))
+                work.append((record, order, schema.order_fingerprint(order)))
             elif record.topic == events_topic:
                 try:
                     event = schema.decode_event(record.value)
@@ -232,7 +243,7 @@ class TrackerService:
                     first_dlq = first_dlq or f"{record.where()}: {exc}"
                     continue
                 order_ids.add(event.order_id)
-                work.append((record, event))
+                work.append((record, event, b""))
             else:
                 message = f"tracker does not consume {record.topic!r}"
                 out.append(self._dlq(record, "route", "UnexpectedTopic", message))
@@ -244,10 +255,10 @@ class TrackerService:
         # a batch of nothing but bad input must not wait for the database's write lock
         with self.store.transaction() if work else nullcontext():
             self._load(state, order_ids, placed_ids)
-            for record, task in work:
+            for record, task, body_hash in work:
                 try:
                     if isinstance(task, OrderPlaced):
-                        self._place(state, task)
+                        self._place(state, task, body_hash, record.where())
                     else:
                         self._event(state, task, record.value or b"", record.where())
                 except StoreError:
@@ -287,6 +298,13 @@ class TrackerService:
         if stats.dlq:
             logger.warning(
                 "tracker batch: %d records dead-lettered; first: %s", stats.dlq, first_dlq
+            )
+        if stats.conflicts:
+            logger.warning(
+                "tracker batch: %d orders reuse a known order_id with another body (kept"
+                " the first body); first: %s",
+                stats.conflicts,
+                state.first_conflict,
             )
         return out
 
@@ -336,6 +354,7 @@ class TrackerService:
                         tracked.detail,
                         tracked.updated_at,
                         tracked.seq,
+                        tracked.body_hash,
                     )
                 )
             elif tracked.dirty:
@@ -363,12 +382,20 @@ class TrackerService:
 
     # --- orders and events --------------------------------------------------------------
 
-    def _place(self, state: _Batch, order: OrderPlaced) -> None:
+    def _place(self, state: _Batch, order: OrderPlaced, body_hash: bytes, where: str) -> None:
         order_id = order.order_id
-        if order_id in state.orders:
-            state.stats.duplicates += 1  # redelivery: the first copy stands
+        known = state.orders.get(order_id)
+        if known is not None:
+            if known.body_hash is not None and known.body_hash != body_hash:
+                # another order under a used id: never overwrite what is tracked
+                state.stats.conflicts += 1
+                state.first_conflict = state.first_conflict or f"{where}: order {order_id}"
+            else:
+                state.stats.duplicates += 1  # redelivery: the first copy stands
             return
-        tracked = _Tracked("PLACED", None, None, None, None, order.created_at, 1, placed=order)
+        tracked = _Tracked(
+            "PLACED", None, None, None, None, order.created_at, 1, body_hash, placed=order
+        )
         state.orders[order_id] = tracked
         state.history.add((order_id, "OrderPlaced"))
         state.new_history.append(

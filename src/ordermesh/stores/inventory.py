@@ -11,7 +11,9 @@ so a PostgreSQL store can reuse it):
 - ``stock_movements``: every unit that entered the system (``seed``, ``restock``).
   Conservation: per sku, ``sum(quantity) == available + reserved``.
 - ``orders``: one row per decided order (RESERVED, REJECTED, later CANCELLED) with the
-  exact bytes of the outcome event, so a redelivered order re-emits identical bytes.
+  exact bytes of the outcome event, so a redelivered order re-emits identical bytes, and
+  ``body_hash`` (``schema.order_fingerprint``), so a reused order_id with another body is
+  told apart from a redelivery. NULL in rows decided before the column existed.
 - ``cancellations``: one row per cancelled order with the exact bytes of its two events
   (``StockReleased``, ``OrderCancelled``). A separate table rather than columns of
   ``orders`` because most orders are never cancelled, and a cancel has its own time and
@@ -44,6 +46,10 @@ Items = tuple[tuple[str, int], ...]
 # below both and keeps the statement small enough to be cached and reused.
 IN_CHUNK: Final = 500
 BUSY_TIMEOUT_S: Final = 30.0
+# Most units one sku may hold (available + reserved), and so the largest seed or restock.
+# Far below SQLite's 2**63 integer limit, past which a sum silently turns into a float,
+# and below 2**53, so every stock figure is also exact as a JSON number / double.
+MAX_STOCK: Final = 10**12
 
 _SCHEMA: Final = (
     """
@@ -72,7 +78,8 @@ _SCHEMA: Final = (
         items TEXT NOT NULL,
         outcome BLOB NOT NULL,
         decided_at REAL NOT NULL,
-        source TEXT
+        source TEXT,
+        body_hash BLOB
     )
     """,
     """
@@ -85,6 +92,11 @@ _SCHEMA: Final = (
     )
     """,
 )
+
+# Columns added after the first release: (table, column, type). A database created before
+# gets them on open (ALTER TABLE ... ADD COLUMN, inside the schema transaction, so two
+# instances opening one old file add each column once). New columns must be nullable.
+_ADDED_COLUMNS: Final = (("orders", "body_hash", "BLOB"),)
 
 _items_decoder: Final = msgspec.json.Decoder(tuple[tuple[str, int], ...])
 
@@ -110,6 +122,8 @@ class KnownOrder(NamedTuple):
     outcome: bytes
     # (StockReleased, OrderCancelled) bytes once the order was cancelled
     cancel_outcome: tuple[bytes, bytes] | None
+    # schema.order_fingerprint of the order decided; None if decided before it was kept
+    body_hash: bytes | None
 
 
 class NewOrder(NamedTuple):
@@ -120,6 +134,7 @@ class NewOrder(NamedTuple):
     outcome: bytes
     decided_at: float
     source: str | None
+    body_hash: bytes | None = None
 
 
 class NewCancellation(NamedTuple):
@@ -153,16 +168,28 @@ class InventoryStore:
         *,
         synchronous: Synchronous = "FULL",
         clock: Callable[[], float] = time.time,
+        readonly: bool = False,
     ) -> None:
+        """Open the database, creating the file and its tables unless ``readonly``.
+
+        ``readonly=True`` (``verify``) opens an existing file with SQLite's ``mode=ro``:
+        it never creates a file or a table, so a missing database is a StoreError rather
+        than a new empty one, and every write fails.
+        """
         self.path = path
         self._clock = clock
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if readonly:
+                target, uri = f"{path.resolve().as_uri()}?mode=ro", True
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                target, uri = str(path), False
             # isolation_level=None: no implicit BEGIN; transaction() issues BEGIN IMMEDIATE.
             # check_same_thread=False: the runner may hand the store to a worker thread;
             # it must still never be used by two threads at once.
             self._conn = sqlite3.connect(
-                str(path),
+                target,
+                uri=uri,
                 timeout=BUSY_TIMEOUT_S,
                 isolation_level=None,
                 check_same_thread=False,
@@ -170,10 +197,17 @@ class InventoryStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open inventory db {path}: {exc}") from exc
         try:
+            if readonly:
+                with self._translate("open read-only"):
+                    self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                    # fails here (not on the first query) when the file is not a database
+                    self._conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                return
             self._configure(synchronous)
             with self.transaction():
                 for statement in _SCHEMA:
                     self._conn.execute(statement)
+                self._add_missing_columns()
         except BaseException:
             self._conn.close()
             raise
@@ -192,6 +226,15 @@ class InventoryStore:
             # commit per batch the fsync costs little; NORMAL is available for runs
             # that only care about process crashes.
             self._conn.execute(f"PRAGMA synchronous = {synchronous}")
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database created by an older release up to ``_SCHEMA`` (see above)."""
+        with self._translate("add columns"):
+            for table, column, sql_type in _ADDED_COLUMNS:
+                present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+                    logger.info("inventory db %s: added column %s.%s", self.path, table, column)
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -265,8 +308,8 @@ class InventoryStore:
         to add units.
         """
         for sku, quantity in skus.items():
-            if not sku or quantity < 0:
-                raise ValueError(f"bad seed {sku!r}: {quantity}")
+            if not sku or not 0 <= quantity <= MAX_STOCK:
+                raise ValueError(f"bad seed {sku!r}: {quantity} (0..{MAX_STOCK})")
         now = self._clock()
         with self.transaction():
             existing = self.load_stock(skus)
@@ -284,10 +327,22 @@ class InventoryStore:
         return len(created)
 
     def restock(self, sku: str, quantity: int) -> StockRow:
-        """Add ``quantity`` available units of ``sku`` (created if unknown)."""
-        if not sku or quantity <= 0:
-            raise ValueError(f"bad restock {sku!r}: {quantity}")
+        """Add ``quantity`` available units of ``sku`` (created if unknown).
+
+        ValueError, changing nothing, unless 1 <= quantity and the sku's stock
+        (available + reserved) stays within ``MAX_STOCK``.
+        """
+        if not sku or not 1 <= quantity <= MAX_STOCK:
+            raise ValueError(f"bad restock {sku!r}: {quantity} (1..{MAX_STOCK})")
         with self.transaction(), self._translate("restock"):
+            held = self._conn.execute(
+                "SELECT available + reserved FROM stock WHERE sku = ?", (sku,)
+            ).fetchone()
+            if held is not None and held[0] + quantity > MAX_STOCK:
+                raise ValueError(
+                    f"restock {sku!r} by {quantity}: it holds {held[0]}, and would exceed"
+                    f" the maximum stock {MAX_STOCK}"
+                )
             self._conn.execute(
                 "INSERT INTO stock (sku, available, reserved) VALUES (?, ?, 0)"
                 " ON CONFLICT (sku) DO UPDATE SET available = stock.available + excluded.available",
@@ -346,15 +401,19 @@ class InventoryStore:
     def load_orders(self, order_ids: Collection[str]) -> dict[str, KnownOrder]:
         """Already decided orders among ``order_ids``, with their stored outcome bytes."""
         rows = self._select_in(
-            "SELECT o.order_id, o.status, o.items, o.outcome, c.released, c.cancelled"
+            "SELECT o.order_id, o.status, o.items, o.outcome, c.released, c.cancelled,"
+            " o.body_hash"
             " FROM orders o LEFT JOIN cancellations c ON c.order_id = o.order_id"
             " WHERE o.order_id IN ({marks})",
             order_ids,
         )
         known: dict[str, KnownOrder] = {}
-        for order_id, status, items, outcome, released, cancelled in rows:
+        for order_id, status, items, outcome, released, cancelled, body_hash in rows:
             cancel = None if released is None else (bytes(released), bytes(cancelled))
-            known[order_id] = KnownOrder(status, decode_items(items), bytes(outcome), cancel)
+            digest = None if body_hash is None else bytes(body_hash)
+            known[order_id] = KnownOrder(
+                status, decode_items(items), bytes(outcome), cancel, digest
+            )
         return known
 
     def update_stock(self, rows: Iterable[StockRow]) -> None:
@@ -378,6 +437,7 @@ class InventoryStore:
                 o.outcome,
                 o.decided_at,
                 o.source,
+                o.body_hash,
             )
             for o in orders
         ]
@@ -386,8 +446,8 @@ class InventoryStore:
         self._require_transaction()
         with self._translate("insert orders"):
             self._conn.executemany(
-                "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at, source)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at, source,"
+                " body_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 params,
             )
 

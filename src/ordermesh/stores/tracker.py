@@ -14,6 +14,9 @@ Tables (portable SQL, as in ``stores/inventory.py``):
   ``at`` of the inventory's events, ``updated_at`` the latest status transition.
   ``seq`` is the version of the order's view: 1 on insert, +1 for every history entry
   applied later, so a reader can tell that anything (status or history) changed.
+  ``body_hash`` is ``schema.order_fingerprint`` of the order recorded, so a later copy
+  with the same order_id but another body is recognised (NULL in rows recorded before
+  the column existed).
 - ``history``: one row per (order, event type). Redelivered events hit the primary key
   and change nothing; ``status`` is the status the event stands for (NULL for
   ``StockReleased``/``CancelRejected``, which do not move the status).
@@ -79,7 +82,8 @@ _SCHEMA: Final = (
         reason TEXT,
         detail TEXT,
         updated_at REAL NOT NULL,
-        seq INTEGER NOT NULL
+        seq INTEGER NOT NULL,
+        body_hash BLOB
     )
     """,
     "CREATE INDEX IF NOT EXISTS orders_status ON orders (status, order_id)",
@@ -106,6 +110,12 @@ _SCHEMA: Final = (
     )
     """,
 )
+
+# Columns added after the first release: (table, column, type). A database created before
+# gets them when a writer opens it (ALTER TABLE ... ADD COLUMN, inside the schema
+# transaction, so two trackers opening one old file add each column once). New columns
+# must be nullable; read-only openers (the API) never select them.
+_ADDED_COLUMNS: Final = (("orders", "body_hash", "BLOB"),)
 
 _ORDER_COLUMNS: Final = (
     "order_id, customer_id, status, items, total, currency, created_at, updated_at, reason, detail"
@@ -197,6 +207,7 @@ class TrackedOrder(NamedTuple):
     detail: str | None
     updated_at: float
     seq: int
+    body_hash: bytes | None  # None for rows recorded before it was kept
 
 
 class OrderRow(NamedTuple):
@@ -214,6 +225,7 @@ class OrderRow(NamedTuple):
     detail: str | None
     updated_at: float
     seq: int
+    body_hash: bytes | None = None
 
 
 class OrderUpdate(NamedTuple):
@@ -246,6 +258,15 @@ class PendingEvent(NamedTuple):
 def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(values), IN_CHUNK):
         yield values[start : start + IN_CHUNK]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a database created by an older release up to ``_SCHEMA`` (see above)."""
+    for table, column, sql_type in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+            logger.info("tracker db: added column %s.%s", table, column)
 
 
 def _view(row: Sequence[Any], history: list[HistoryEntry]) -> OrderView:
@@ -332,6 +353,7 @@ class TrackerStore:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     conn.execute(statement)
+                _add_missing_columns(conn)
                 conn.execute("COMMIT")
             else:
                 # fails here (not on the first query) when the file is not a database
@@ -519,11 +541,23 @@ class TrackerStore:
 
     def load_orders(self, order_ids: Collection[str]) -> dict[str, TrackedOrder]:
         rows = self._select_in(
-            "SELECT order_id, status, decided_at, cancelled_at, reason, detail, updated_at, seq"
-            " FROM orders WHERE order_id IN ({marks})",
+            "SELECT order_id, status, decided_at, cancelled_at, reason, detail, updated_at, seq,"
+            " body_hash FROM orders WHERE order_id IN ({marks})",
             order_ids,
         )
-        return {row[0]: TrackedOrder(*row[1:]) for row in rows}
+        known: dict[str, TrackedOrder] = {}
+        for order_id, status, decided, cancelled, reason, detail, updated, seq, digest in rows:
+            known[order_id] = TrackedOrder(
+                status,
+                decided,
+                cancelled,
+                reason,
+                detail,
+                updated,
+                seq,
+                None if digest is None else bytes(digest),
+            )
+        return known
 
     def load_history_keys(self, order_ids: Collection[str]) -> set[tuple[str, str]]:
         """(order_id, event) of the history rows of these orders."""
@@ -552,7 +586,7 @@ class TrackerStore:
             "insert orders",
             "INSERT INTO orders (order_id, customer_id, status, items, total, currency,"
             " created_at, placed_at, decided_at, cancelled_at, reason, detail, updated_at,"
-            " seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " seq, body_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             list(rows),
         )
 
