@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install jars test check lint types up bench clean
+.PHONY: install jars test check lint types up db bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ check: lint types test
 
 up: install jars
 	$(BIN)/ordermesh up
+
+# A local PostgreSQL for the services' state; prints the ORDERMESH_DATABASE_URL to export.
+db: install
+	$(BIN)/ordermesh db up
 
 bench: install jars
 	$(BIN)/ordermesh bench inventory

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Kafka broker for the session, settings per test."""
+"""Shared fixtures: a real Kafka broker and a real PostgreSQL for the session, settings
+and databases per test."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from ordermesh.broker.jars import ensure_jars
 from ordermesh.broker.local import LocalCluster
 from ordermesh.config import Settings
-from ordermesh.errors import BrokerError
+from ordermesh.errors import BrokerError, StoreError
+from ordermesh.kafka.admin import ensure_topics
 from ordermesh.kafka.client import make_admin
-from ordermesh.topics import ensure_topics
+from ordermesh.postgres.local import LocalPostgres
 
 SettingsFactory = Callable[..., Settings]
 
@@ -92,6 +95,83 @@ def settings_factory(kafka_bootstrap: str, tmp_path: Path) -> SettingsFactory:
 @pytest.fixture
 def settings(settings_factory: SettingsFactory) -> Settings:
     return settings_factory()
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+
+def _start_postgres(root: Path) -> LocalPostgres:
+    try:
+        server = LocalPostgres(root / "a", fast=True)
+        server.up()
+    except StoreError as exc:
+        # the free port is picked before the server binds it: another process may win the
+        # race. One more try on a new port; a second failure is real.
+        logging.getLogger(__name__).warning("PostgreSQL start failed, retrying: %s", exc)
+        server = LocalPostgres(root / "b", fast=True)
+        server.up()
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real PostgreSQL database as a superuser: ORDERMESH_TEST_DATABASE_URL, or
+    a throwaway server (fsync off) started with ``ordermesh.postgres``.
+
+    A test that needs PostgreSQL fails, never skips, when no server can be started.
+    Tests should not write here: ``postgres_database`` gives each one its own database.
+    """
+    existing = os.environ.get("ORDERMESH_TEST_DATABASE_URL")
+    if existing:
+        yield existing
+        return
+    try:
+        server = _start_postgres(tmp_path_factory.mktemp("postgres"))
+    except StoreError as exc:
+        pytest.fail(f"PostgreSQL could not be started: {exc}", pytrace=False)
+    try:
+        state = server.load_state()
+        assert state is not None
+        yield state.url()
+    finally:
+        server.down()
+        server.purge()
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlsplit(url)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture
+def postgres_database_factory(postgres_url: str) -> Iterator[Callable[[], str]]:
+    """Make fresh, empty databases (``t_<hex>``) on the session server: each call returns
+    a new one's URL; all are dropped at the end of the test."""
+    import psycopg
+    from psycopg import sql
+
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        made.append(name)
+        return _with_database(postgres_url, name)
+
+    yield make
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for name in made:
+            # FORCE: a service the test left running must not keep its database alive
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def postgres_database(postgres_database_factory: Callable[[], str]) -> str:
+    """URL of a fresh, empty database of this test's own; use it as
+    ``settings_factory(database_url=postgres_database)``."""
+    return postgres_database_factory()
 
 
 # --- service processes -------------------------------------------------------------------

@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     # Topic and consumer-group names get this prefix (tests use a unique one each).
     topic_prefix: str = ""
 
+    # Where the services keep their state: None or ``sqlite:`` for SQLite files under the
+    # data dir (or at the *_db paths below); ``stores/factory.py`` reads it
+    database_url: str | None = None
+
+    # Local PostgreSQL (`ordermesh db up`, `ordermesh up --db postgres`): its port when it
+    # is first created (0: any free port; an existing server keeps its port), and where
+    # initdb/pg_ctl are (None: on PATH, else the newest /usr/lib/postgresql/*/bin)
+    postgres_port: int = 0
+    postgres_bin_dir: Path | None = None
+
     # Services
     inventory_db: Path | None = None
     tracker_db: Path | None = None
@@ -105,6 +115,9 @@ class Settings(BaseSettings):
 
     def broker_dir(self) -> Path:
         return self.data_dir / "broker"
+
+    def postgres_dir(self) -> Path:
+        return self.data_dir / "postgres"
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

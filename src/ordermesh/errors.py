@@ -11,11 +11,21 @@
     ├── DecodeError              a message could not be decoded or failed validation
     │                            (keeps the raw bytes so the DLQ can forward them unchanged)
     ├── DeliveryError            Kafka did not acknowledge a produced record
+    ├── CommitError              consumed offsets could not be committed
+    │   └── AckDeadlineError     a stop's deadline passed with acknowledgements outstanding
     ├── StoreError               a database operation failed
+    │   └── StoreConflictError   a concurrent transaction won a lock or a row; retry the batch
     └── VerificationError        `ordermesh verify` found a broken invariant
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+# What kind of input a DecodeError rejected (``DecodeError.<kind>`` in DLQ headers):
+# ``json`` not JSON, ``utf8`` not UTF-8, ``schema`` wrong shape or empty, ``validation``
+# well-formed but invalid (currency, totals), ``size`` over the message size limit.
+DecodeKind = Literal["json", "utf8", "schema", "validation", "size"]
 
 
 class OrderMeshError(Exception):
@@ -46,22 +56,38 @@ class DecodeError(OrderMeshError):
     """A message could not be decoded or failed validation.
 
     ``raw`` keeps the original bytes so a dead-letter record can carry them unchanged.
-    ``kind`` is a short machine-readable class of the failure (``json``, ``utf8``,
-    ``schema``, ``validation``, ``size``).
+    ``kind`` is a short machine-readable class of the failure (``DecodeKind``).
     """
 
-    def __init__(self, message: str, raw: bytes | None = None, kind: str = "validation") -> None:
+    def __init__(
+        self, message: str, raw: bytes | None = None, kind: DecodeKind = "validation"
+    ) -> None:
         super().__init__(message)
         self.raw = raw
-        self.kind = kind
+        self.kind: DecodeKind = kind
 
 
 class DeliveryError(OrderMeshError):
     """Kafka did not acknowledge a produced record."""
 
 
+class CommitError(OrderMeshError):
+    """Consumed offsets could not be committed (the batch will be redelivered)."""
+
+
+class AckDeadlineError(CommitError):
+    """A stop's deadline passed with acknowledgements outstanding: what they cover is
+    not committed, and the next run redoes it."""
+
+
 class StoreError(OrderMeshError):
     """A database operation failed."""
+
+
+class StoreConflictError(StoreError):
+    """A transaction lost to a concurrent one (deadlock, serialization failure, a row
+    another instance stored first) and was rolled back; running it again from scratch,
+    re-reading everything, is expected to succeed."""
 
 
 class VerificationError(OrderMeshError):

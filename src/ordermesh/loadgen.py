@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from random import Random
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -24,6 +24,7 @@ from ordermesh import schema
 from ordermesh.config import Settings
 from ordermesh.errors import ConfigError
 from ordermesh.kafka.client import make_producer
+from ordermesh.kafka.producer import Producer
 
 logger = logging.getLogger(__name__)
 
@@ -266,15 +267,6 @@ class LoadSummary:
         return asdict(self)
 
 
-class _Producer(Protocol):
-    """The part of ``confluent_kafka.Producer`` a load run uses."""
-
-    def produce(self, topic: str, value: bytes, key: bytes) -> None: ...
-    def poll(self, timeout: float) -> int: ...
-    def flush(self, timeout: float) -> int: ...
-    def __len__(self) -> int: ...
-
-
 class _TokenBucket:
     """Allows ``rate`` messages per second, handed out in whole messages."""
 
@@ -328,7 +320,7 @@ def run_load(
         else:
             failed += 1
 
-    producer: _Producer = make_producer(settings, on_delivery=on_delivery)
+    producer = Producer(make_producer(settings, on_delivery=on_delivery))
     start = time.monotonic()
     deadline = start + duration if duration is not None else math.inf
     bucket = _TokenBucket(rate, start) if rate is not None else None
@@ -352,7 +344,8 @@ def run_load(
                 budget = min(budget, count - sent)
             for _ in range(budget):
                 message = generator.next()
-                if not _produce(producer, topic, message, deadline):
+                # a full local queue is waited out, but not past the deadline
+                if not producer.produce(topic, message.value, message.key, until=deadline):
                     break
                 sent += 1
                 if message.malformed is not None:
@@ -393,20 +386,7 @@ def run_load(
     return summary
 
 
-def _produce(producer: _Producer, topic: str, message: GeneratedMessage, deadline: float) -> bool:
-    """Queue one record, waiting while the local queue is full; False past ``deadline``."""
-    while True:
-        try:
-            producer.produce(topic, value=message.value, key=message.key)
-            return True
-        except BufferError:
-            # local queue full: let librdkafka drain it (and run delivery reports)
-            producer.poll(0.05)
-            if time.monotonic() >= deadline:
-                return False
-
-
-def _flush(producer: _Producer) -> int:
+def _flush(producer: Producer) -> int:
     """Wait for outstanding records; returns how many never got a delivery report."""
     deadline = time.monotonic() + FLUSH_TIMEOUT_S
     while len(producer) > 0 and time.monotonic() < deadline:

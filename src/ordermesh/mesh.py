@@ -1,4 +1,4 @@
-"""The whole mesh on one machine: broker, topics, stock, every service and a load.
+"""The whole mesh on one machine: broker, database, topics, stock, every service, a load.
 
 Used by ``ordermesh up`` (run until Ctrl-C or a duration, then verify), ``ordermesh
 simulate`` (the failure scenario) and ``ordermesh top`` (the live numbers alone).
@@ -15,27 +15,35 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from ordermesh.broker.local import LocalCluster
 from ordermesh.config import Settings
 from ordermesh.errors import ConfigError, OrderMeshError
+from ordermesh.kafka.admin import ensure_topics
 from ordermesh.kafka.client import kafka_errors, make_admin
 from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import end_offsets
 from ordermesh.loadgen import sku_name
-from ordermesh.stores.inventory import InventoryStore
+from ordermesh.postgres.local import LocalPostgres
+from ordermesh.stores.factory import backend, migrate, open_inventory_store
 from ordermesh.supervisor import Supervisor
-from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS, ensure_topics
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
+from ordermesh.topology import SERVICES, group_topics, scalable
 
 log = logging.getLogger(__name__)
 
-SCALABLE = ("inventory", "tracker")
-GROUP_TOPICS: dict[str, tuple[str, ...]] = {
-    "inventory": (ORDERS, COMMANDS),
-    "tracker": (ORDERS, EVENTS),
-    "analytics": (ORDERS, EVENTS, DLQ),
-    "dlq-logger": (DLQ,),
-}
+SCALABLE = scalable()
+# consumer group -> the topics it reads (names before the prefix)
+GROUP_TOPICS = group_topics()
+# the groups whose committed offsets mean "processed": drained means these caught up
+STATEFUL_GROUP_TOPICS = group_topics(stateful_only=True)
+# started by ``start_load`` with its own rate and limits, not with the services
+LOAD = "load"
+# what puts orders in: stopped first, so the consumers can finish what was accepted
+INPUTS = (LOAD, "api")
+
+Db = Literal["sqlite", "postgres"]
 
 
 def parse_instances(text: str | None) -> dict[str, int]:
@@ -73,11 +81,43 @@ def port_or_free(preferred: int) -> int:
 
 @dataclass
 class MeshPlan:
+    """What to run. ``db``: SQLite files in the data dir, or PostgreSQL (the configured
+    ``database_url``, else a local server); with PostgreSQL every instance gets a data
+    dir of its own (``<data_dir>/instances/<name>/``), as if it ran on its own host.
+    ``nodes``: Kafka nodes of the local cluster (1 or 3)."""
+
     instances: dict[str, int] = field(default_factory=lambda: parse_instances(None))
     skus: int = 1000
     stock: int = 100_000
     api_port: int = 8080
     analytics_port: int = 8090
+    db: Db = "sqlite"
+    nodes: int = 1
+
+
+def check_plan(plan: MeshPlan, settings: Settings) -> None:
+    """ConfigError unless ``plan`` can run with ``settings`` (what ``up`` refuses)."""
+    if plan.nodes not in (1, 3):
+        raise ConfigError(f"--nodes must be 1 or 3, not {plan.nodes}")
+    if plan.nodes != 1 and settings.bootstrap_servers:
+        raise ConfigError(
+            f"--nodes {plan.nodes} starts a local Kafka cluster, but"
+            f" ORDERMESH_BOOTSTRAP_SERVERS={settings.bootstrap_servers} is set"
+        )
+    if plan.db == "postgres":
+        return
+    if backend(settings) == "postgres":
+        raise ConfigError(
+            "--db sqlite, but ORDERMESH_DATABASE_URL names a PostgreSQL database:"
+            " pass --db postgres, or unset it"
+        )
+    # every scalable service keeps state (stock, orders, idempotency keys)
+    shared = [f"{name}={n}" for name, n in plan.instances.items() if n > 1]
+    if shared:
+        raise ConfigError(
+            f"--instances {','.join(shared)}: more than one instance of a service that keeps"
+            " state needs --db postgres (SQLite files are not shared between hosts)"
+        )
 
 
 class Mesh:
@@ -88,61 +128,112 @@ class Mesh:
         self.plan = plan
         self.supervisor = Supervisor(settings)
         self.started_broker = False
-        self.cluster: Any = None
-        self.api_url = ""
+        self.cluster: LocalCluster | None = None
+        self.started_db = False
+        self.database: LocalPostgres | None = None
+        # service -> the names of its instances, in start order
+        self.instances: dict[str, list[str]] = {}
+        self.api_urls: list[str] = []
         self.dashboard_url = ""
+
+    @property
+    def api_url(self) -> str:
+        """The first API instance's URL ("" before ``start``)."""
+        return self.api_urls[0] if self.api_urls else ""
+
+    def _use_settings(self, settings: Settings) -> None:
+        # children must find exactly these (brokers, database) whatever their ports
+        self.settings = settings
+        self.supervisor.settings = settings
 
     # --- bring up ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Broker (unless configured), topics, stock, and every service."""
+        """Broker (unless configured), database, topics, stock, and every service."""
+        if not self.settings.bootstrap_servers:
+            self._start_broker()
+        # a configured PostgreSQL is used whatever the plan says (its schema migrated)
+        if self.plan.db == "postgres" or backend(self.settings) == "postgres":
+            self._start_database()
         settings = self.settings
-        if not settings.bootstrap_servers:
-            from ordermesh.broker.jars import ensure_jars
-            from ordermesh.broker.local import LocalCluster
-
-            jar_dir = ensure_jars(settings.kafka_jar_dir(), settings.kafka_version)
-            self.cluster = LocalCluster(
-                settings.broker_dir(), jar_dir, heap_mb=settings.broker_heap_mb
-            )
-            port = settings.broker_port
-            taken = port and any(port_or_free(p) != p for p in (port, port + 1))
-            if taken and self.cluster.load_state() is None:
-                # a new cluster only: an existing one keeps the ports it was formatted with
-                log.info("ports %d-%d are taken; the broker takes free ones", port, port + 1)
-                port = 0
-            state, self.started_broker = self.cluster.up(nodes=1, port=port)
-            # children must find this exact cluster whatever its ports
-            self.settings = settings = settings.model_copy(
-                update={"bootstrap_servers": state.bootstrap_servers}
-            )
-            self.supervisor.settings = settings
         ensure_topics(make_admin(settings), settings)
-        store = InventoryStore(settings.inventory_db_path())
+        store = open_inventory_store(settings)
         try:
             store.seed({sku_name(i): self.plan.stock for i in range(1, self.plan.skus + 1)})
         finally:
             store.close()
 
-        api_port = port_or_free(self.plan.api_port)
-        analytics_port = port_or_free(self.plan.analytics_port)
-        self.api_url = f"http://127.0.0.1:{api_port}"
-        self.dashboard_url = f"http://127.0.0.1:{analytics_port}/"
+        # the first instance of an HTTP service gets the planned port, the others free ones
+        http_ports = {"analytics": self.plan.analytics_port, "api": self.plan.api_port}
         sup = self.supervisor
-        for name in SCALABLE:
-            for i in range(1, self.plan.instances[name] + 1):
-                self._add(f"{name}-{i}", [name, "run"])
-        self._add("dlq-logger", ["dlq", "run"])
-        sup.add("analytics", ["analytics", "run", "--port", str(analytics_port)])
-        sup.add("api", ["api", "--port", str(api_port)])
+        for spec in SERVICES:
+            if spec.name == LOAD:
+                continue
+            count = self.plan.instances.get(spec.name, 1) if spec.scalable else 1
+            names = self.instances.setdefault(spec.name, [])
+            for i in range(1, count + 1):
+                name = f"{spec.name}-{i}" if spec.scalable else spec.name
+                names.append(name)
+                env = self._instance_env(name)
+                if spec.http:
+                    port = port_or_free(http_ports.get(spec.name, 0) if i == 1 else 0)
+                    sup.add(name, [*spec.command, "--port", str(port)], env=env)
+                    if spec.name == "api":
+                        self.api_urls.append(f"http://127.0.0.1:{port}")
+                    elif spec.name == "analytics":
+                        self.dashboard_url = f"http://127.0.0.1:{port}/"
+                else:
+                    # every runner serves Prometheus metrics on a port of its own
+                    env["ORDERMESH_METRICS_PORT"] = str(port_or_free(0))
+                    sup.add(name, list(spec.command), env=env)
         for name in sup.services:
             sup.start(name)
         self.write_state()
 
-    def _add(self, name: str, args: list[str]) -> None:
-        # every runner serves Prometheus metrics on a port of its own
-        port = port_or_free(0)
-        self.supervisor.add(name, args, env={"ORDERMESH_METRICS_PORT": str(port)})
+    def _start_broker(self) -> None:
+        settings, nodes = self.settings, self.plan.nodes
+        self.cluster = LocalCluster.from_settings(settings)
+        existing = self.cluster.load_state()
+        if existing is not None and len(existing.nodes) != nodes:
+            raise ConfigError(
+                f"a {len(existing.nodes)}-node local Kafka cluster exists in"
+                f" {self.cluster.root}; for {nodes} node(s) remove it first"
+                " (`ordermesh broker down --purge`)"
+            )
+        port = settings.broker_port
+        last = port + 2 * nodes - 1
+        taken = port and any(port_or_free(p) != p for p in range(port, last + 1))
+        if taken and existing is None:
+            # a new cluster only: an existing one keeps the ports it was formatted with
+            log.info("ports %d-%d are taken; the broker takes free ones", port, last)
+            port = 0
+        state, self.started_broker = self.cluster.up(nodes=nodes, port=port)
+        self._use_settings(
+            settings.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
+        )
+
+    def _start_database(self) -> None:
+        """The configured PostgreSQL, else a local server; then its schema, migrated."""
+        settings = self.settings
+        if backend(settings) != "postgres":
+            self.database = LocalPostgres.from_settings(settings)
+            state, self.started_db = self.database.up(port=settings.postgres_port)
+            settings = settings.model_copy(update={"database_url": state.url()})
+            self._use_settings(settings)
+        for line in migrate(settings):
+            log.info("migrated %s", line)
+
+    def _instance_env(self, name: str) -> dict[str, str]:
+        """With PostgreSQL, each instance keeps its files apart, as on a host of its own;
+        with SQLite they share the mesh's data dir (and so its database files)."""
+        if backend(self.settings) != "postgres":
+            return {}
+        data_dir = self.settings.data_dir / "instances" / name
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return {"ORDERMESH_DATA_DIR": str(data_dir)}
+
+    def _inputs(self) -> list[str]:
+        return [name for spec in INPUTS for name in self.instances.get(spec, [spec])]
 
     def start_load(
         self,
@@ -164,8 +255,8 @@ class Mesh:
         if count is not None:
             args += ["--count", str(count)]
         # a load that ran its count exits 0 and stays done; a crashed one is restarted
-        self.supervisor.add("load", args, restart="on-failure")
-        self.supervisor.start("load")
+        self.supervisor.add(LOAD, args, restart="on-failure")
+        self.supervisor.start(LOAD)
         self.write_state()
 
     def load_running(self) -> bool:
@@ -179,6 +270,7 @@ class Mesh:
                 "bootstrap_servers": self.settings.bootstrap_servers,
                 "topic_prefix": self.settings.topic_prefix,
                 "api_url": self.api_url,
+                "api_urls": self.api_urls,
                 "dashboard_url": self.dashboard_url,
                 "live": live,
             }
@@ -200,8 +292,7 @@ class Mesh:
                             self.settings, g, [self.settings.topic(t) for t in topics]
                         ).values()
                     )
-                    for g, topics in GROUP_TOPICS.items()
-                    if g in ("inventory", "tracker")
+                    for g, topics in STATEFUL_GROUP_TOPICS.items()
                 ]
         except OrderMeshError as exc:
             log.info("drain check: %s", exc)
@@ -222,21 +313,29 @@ class Mesh:
     def stop_inputs(self) -> None:
         """Stop what puts orders in (the load, the API); the consumers keep draining."""
         with _signals_held():
-            for name in ("load", "api"):
+            for name in self._inputs():
                 if name in self.supervisor.services:
                     self.supervisor.stop(name)
 
-    def stop(self, *, stop_broker: bool = True) -> dict[str, int | None]:
-        """Stop every service (producers first), then the broker if this mesh started it.
+    def stop(
+        self, *, stop_broker: bool = True, stop_db: bool | None = None
+    ) -> dict[str, int | None]:
+        """Stop every service (producers first), then the broker and the database if this
+        mesh started them (``stop_db`` None: as ``stop_broker`` says).
 
         Safe to call again, and on a mesh that started only partly.
         """
         with _signals_held():
-            # producers first, so consumers can finish what was accepted
-            codes = self.supervisor.stop_all(order=["load", "api"])
-            if stop_broker and self.started_broker and self.cluster is not None:
-                self.cluster.down()
-                self.started_broker = False
+            codes = self.supervisor.stop_all(order=self._inputs())
+            try:
+                if stop_broker and self.started_broker and self.cluster is not None:
+                    self.cluster.down()
+                    self.started_broker = False
+            finally:
+                stop_db = stop_broker if stop_db is None else stop_db
+                if stop_db and self.started_db and self.database is not None:
+                    self.database.down()
+                    self.started_db = False
         return codes
 
 

@@ -12,7 +12,6 @@ decode``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from typing import Annotated, Final, Literal, TypeVar
@@ -259,35 +258,6 @@ def decode_order(raw: bytes | None) -> OrderPlaced:
             f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", raw=raw, kind="size"
         )
     order = _decode(_order_decoder, raw, "bad order")
-    try:
-        validate_order(order)
-    except DecodeError as exc:
-        exc.raw = raw
-        raise
-    return order
-
-
-def decode_order_stdlib(raw: bytes | None) -> OrderPlaced:
-    """``decode_order`` parsing with the stdlib ``json`` module: the benchmark's baseline.
-
-    Same rules and errors; only the JSON parser differs (msgspec still converts/validates
-    the parsed object, so both paths accept exactly the same messages).
-    """
-    if raw is None:
-        raise DecodeError("empty message value", raw=raw, kind="schema")
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise DecodeError(
-            f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", raw=raw, kind="size"
-        )
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        order = msgspec.convert(obj, OrderPlaced)
-    except UnicodeDecodeError as exc:
-        raise DecodeError(f"bad order: invalid UTF-8: {exc}", raw=raw, kind="utf8") from None
-    except msgspec.ValidationError as exc:
-        raise DecodeError(f"bad order: schema violation: {exc}", raw=raw, kind="schema") from None
-    except Exception as exc:  # noqa: BLE001 - json raises ValueError, RecursionError, ...
-        raise DecodeError(f"bad order: not valid JSON: {exc}", raw=raw, kind="json") from None
     try:
         validate_order(order)
     except DecodeError as exc:

@@ -20,12 +20,15 @@ class ServiceSpec:
     """One OrderMesh process kind.
 
     ``group``: its consumer group (None: it consumes nothing). ``consumes``/``produces``:
-    topic names before the settings' prefix. ``scalable``: several instances share the
-    partitions of ``group``. ``per_partition_assignment``: it reads every partition
-    itself (manual assignment, no group membership), so it cannot be scaled out.
+    topic names before the settings' prefix. ``scalable``: several instances run side by
+    side (``up --instances``): a consumer's share the partitions of ``group``, an HTTP
+    service's each serve their own port over the one shared database.
+    ``per_partition_assignment``: it reads every partition itself (manual assignment, no
+    group membership), so it cannot be scaled out.
     ``stateful``: its effects are durable, so its committed offsets mean "processed"
     (``verify`` and ``up`` wait for these groups to drain). ``command``: the CLI words
-    that run it.
+    that run it. ``http``: it serves its own HTTP surface (``/metrics`` included) on
+    ``--port``, so the mesh gives it a port rather than a metrics port.
     """
 
     name: str
@@ -36,6 +39,7 @@ class ServiceSpec:
     scalable: bool = False
     per_partition_assignment: bool = False
     stateful: bool = False
+    http: bool = False
     owns: str = "-"
 
 
@@ -75,6 +79,7 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
         consumes=(ORDERS, EVENTS, DLQ),
         produces=(),
         per_partition_assignment=True,
+        http=True,
         owns="windows in memory",
     ),
     ServiceSpec(
@@ -83,6 +88,8 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
         group=None,
         consumes=(),
         produces=(ORDERS, COMMANDS),
+        scalable=True,
+        http=True,
         owns="idempotency keys",
     ),
     ServiceSpec(
@@ -107,6 +114,7 @@ def consumers() -> tuple[ServiceSpec, ...]:
 
 
 def scalable() -> tuple[str, ...]:
+    """The names of the services that run as several instances."""
     return tuple(s.name for s in SERVICES if s.scalable)
 
 

@@ -39,27 +39,27 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
-
-from confluent_kafka import TopicPartition
+from typing import Final, TypeVar
 
 from ordermesh import schema
 from ordermesh.config import Settings
-from ordermesh.errors import DecodeError, OrderMeshError
-from ordermesh.kafka.analytics import GROUP_TOPICS
-from ordermesh.kafka.client import kafka_errors, make_consumer
-from ordermesh.kafka.lag import group_lag
+from ordermesh.errors import DecodeError, StoreError
+from ordermesh.kafka.client import kafka_errors
+from ordermesh.kafka.lag import committed_offsets, group_lag
 from ordermesh.kafka.reader import read_topic
 from ordermesh.records import ERROR_HEADER_PREFIX, header
-from ordermesh.stores.inventory import InventoryStore, StockRow
-from ordermesh.stores.tracker import TrackerStore
+from ordermesh.stores.factory import open_inventory_store, open_order_queries
+from ordermesh.stores.inventory import StockRow
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
+from ordermesh.topology import group_topics
 
 MAX_LISTED: Final = 20
 INVENTORY: Final = "inventory"
 TRACKER: Final = "tracker"
+
+_T = TypeVar("_T")
 
 # partition -> first offset a consumer group has not committed on one topic
 Committed = dict[int, int]
@@ -173,27 +173,15 @@ class Observed:
 def read_progress(settings: Settings, groups: Iterable[str]) -> Progress:
     """Committed offsets of ``groups`` on the topics they consume (0 where none)."""
     progress: Progress = {}
+    topics_of = group_topics()
     for group in groups:
-        # the group's own id so committed() reads its offsets; never subscribes or commits
-        consumer = make_consumer(settings, group)
-        try:
-            wanted: list[TopicPartition] = []
-            names: dict[str, str] = {}
-            for name in GROUP_TOPICS[group]:
-                topic = settings.topic(name)
-                names[topic] = name
-                meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-                if meta is None or meta.error is not None:
-                    raise OrderMeshError(f"topic {topic} not found")
-                wanted += [TopicPartition(topic, p) for p in meta.partitions]
-                progress[(group, name)] = {}
-            for tp in consumer.committed(wanted, timeout=10):
-                if tp.error is not None:
-                    raise OrderMeshError(f"group {group}: committed offset of {tp}: {tp.error}")
-                # nothing committed yet (a negative sentinel): every record is pending
-                progress[(group, names[tp.topic])][tp.partition] = max(0, tp.offset)
-        finally:
-            consumer.close()
+        names = {settings.topic(name): name for name in topics_of[group]}
+        for name in names.values():
+            progress[(group, name)] = {}
+        committed = committed_offsets(settings, group, list(names), strict=True)
+        for (topic, partition), offset in committed.items():
+            # nothing committed yet (a negative sentinel): every record is pending
+            progress[(group, names[topic])][partition] = max(0, offset)
     return progress
 
 
@@ -516,7 +504,7 @@ def check_tracker(
 
 
 def _read_inventory(settings: Settings) -> tuple[list[StockRow], dict[str, int], DbOrders]:
-    store = InventoryStore(settings.inventory_db_path(), readonly=True)
+    store = open_inventory_store(settings, readonly=True)
     try:
         stock = store.stock()
         movements = store.movements_total()
@@ -527,11 +515,19 @@ def _read_inventory(settings: Settings) -> tuple[list[StockRow], dict[str, int],
 
 
 def _read_tracker(settings: Settings) -> dict[str, str]:
-    store = TrackerStore(settings.tracker_db_path(), readonly=True)
+    store = open_order_queries(settings)
     try:
         return dict(store.statuses())
     finally:
         store.close()
+
+
+def _read_or_error(read: Callable[[Settings], _T], settings: Settings) -> tuple[_T | None, str]:
+    """What ``read`` returns, or None and why the store could not be read."""
+    try:
+        return read(settings), ""
+    except StoreError as exc:
+        return None, str(exc)
 
 
 def consuming_groups(*, check_tracker: bool = True) -> list[str]:
@@ -548,23 +544,25 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
     with kafka_errors(settings):
         # order matters, see the module docstring: offsets, then stores, then topics
         progress = read_progress(settings, consuming_groups(check_tracker=check_tracker))
-        inventory_path = settings.inventory_db_path()
-        inventory = _read_inventory(settings) if inventory_path.exists() else None
-        tracker_path = settings.tracker_db_path()
-        tracker = _read_tracker(settings) if check_tracker and tracker_path.exists() else None
+        # through the factory, so on either backend: a store that cannot be read
+        # (no SQLite file, no PostgreSQL schema) is reported, not created
+        inventory, inventory_error = _read_or_error(_read_inventory, settings)
+        tracker, tracker_error = (
+            _read_or_error(_read_tracker, settings) if check_tracker else (None, "")
+        )
         obs = observe(settings, progress)
 
     report = VerifyReport()
     check_topics(report, obs)
     if inventory is None:
-        report.violate("inventory_store_missing", f"no inventory database at {inventory_path}")
+        report.violate("inventory_store_missing", f"no inventory store: {inventory_error}")
         db_orders: DbOrders = {}
     else:
         stock, movements, db_orders = inventory
         check_inventory_db(report, obs, stock, movements, db_orders)
     if check_tracker:
         if tracker is None:
-            report.violate("tracker_store_missing", f"no tracker database at {tracker_path}")
+            report.violate("tracker_store_missing", f"no tracker store: {tracker_error}")
         else:
             _check_tracker(report, obs, db_orders, tracker)
     return report
@@ -574,10 +572,11 @@ def wait_drained(settings: Settings, groups: Iterable[str], timeout_s: float) ->
     """Wait up to ``timeout_s`` for ``groups`` to have no lag; whether they got there."""
     deadline = time.monotonic() + timeout_s
     wanted = list(groups)
+    topics_of = group_topics()
     with kafka_errors(settings):
         while True:
             lag = sum(
-                sum(group_lag(settings, g, [settings.topic(t) for t in GROUP_TOPICS[g]]).values())
+                sum(group_lag(settings, g, [settings.topic(t) for t in topics_of[g]]).values())
                 for g in wanted
             )
             if lag == 0:

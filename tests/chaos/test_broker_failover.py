@@ -10,8 +10,8 @@ import pytest
 
 from ordermesh.broker.local import LocalCluster
 from ordermesh.config import Settings
+from ordermesh.kafka.admin import ensure_topics
 from ordermesh.kafka.client import make_admin, make_consumer, make_producer
-from ordermesh.topics import ensure_topics
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.cluster

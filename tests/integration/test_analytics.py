@@ -17,7 +17,7 @@ from ordermesh.kafka.client import make_producer
 from ordermesh.kafka.lag import group_lag
 from ordermesh.loadgen import run_load, sku_name
 from ordermesh.services.analytics import REJECT_REASONS
-from ordermesh.stores.inventory import InventoryStore
+from ordermesh.stores.factory import open_inventory_store
 from ordermesh.topics import COMMANDS, ORDERS
 from ordermesh.verify import VerifyReport, verify
 from tests.conftest import ServiceProcess, wait_for
@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def seed(settings: Settings, skus: int, stock: int) -> None:
-    store = InventoryStore(settings.inventory_db_path())
+    store = open_inventory_store(settings)
     store.seed({sku_name(i): stock for i in range(1, skus + 1)})
     store.close()
 

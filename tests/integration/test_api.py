@@ -36,8 +36,8 @@ from ordermesh.api.server import ThreadedServer
 from ordermesh.config import Settings
 from ordermesh.kafka.reader import read_topic
 from ordermesh.loadgen import sku_name
-from ordermesh.stores.inventory import InventoryStore, StockRow
-from ordermesh.stores.tracker import TrackerStore
+from ordermesh.stores.factory import open_inventory_store, open_tracker_store
+from ordermesh.stores.inventory import StockRow
 from ordermesh.topics import COMMANDS, ORDERS
 from tests.conftest import ServiceProcess, SettingsFactory, wait_for
 
@@ -70,7 +70,7 @@ def body(*items: tuple[str, int, float], customer: str = "cust-1") -> dict[str, 
 
 
 def stock_of(settings: Settings, sku: str) -> StockRow:
-    with InventoryStore(settings.inventory_db_path()) as store:
+    with open_inventory_store(settings) as store:
         (row,) = store.stock(sku)
     return row
 
@@ -110,7 +110,7 @@ def stack(
     settings_factory: SettingsFactory, service_factory: Callable[..., ServiceProcess]
 ) -> Iterator[Stack]:
     settings = settings_factory()
-    with InventoryStore(settings.inventory_db_path()) as store:
+    with open_inventory_store(settings) as store:
         store.seed({sku_name(i): STOCK for i in range(1, SKUS + 1)})
     inventory = service_factory(["inventory", "run"], settings, "inventory")
     tracker = service_factory(["tracker", "run"], settings, "tracker")
@@ -380,7 +380,7 @@ def test_bad_input_answers_4xx_problems(stack: Stack) -> None:
 
 def test_api_keys_guard_every_orders_endpoint(settings_factory: SettingsFactory) -> None:
     settings = settings_factory(api_keys="key-one, key-two")
-    TrackerStore(settings.tracker_db_path()).close()  # an empty tracker DB: reads answer
+    open_tracker_store(settings).close()  # an empty tracker DB: reads answer
     payload = body((sku_name(1), 1, 1.0))
     with api_server(settings) as api, httpx.Client(base_url=api.url, timeout=30) as client:
         missing = client.post("/orders", json=payload)

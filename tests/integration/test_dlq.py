@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 from ordermesh import schema
 from ordermesh.cli import app
 from ordermesh.config import Settings
+from ordermesh.dlq import read_entries, replay
 from ordermesh.kafka.client import make_producer
-from ordermesh.kafka.dlq import read_entries, replay
 from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import end_offsets, read_topic
 from ordermesh.records import REPLAY_COUNT_HEADER, InRecord, dead_letter, header
 from ordermesh.services.dlq import REPLAY_FROM_HEADER, DlqEntry
-from ordermesh.stores.inventory import InventoryStore, StockRow
+from ordermesh.stores.factory import open_inventory_store
+from ordermesh.stores.inventory import StockRow
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import ServiceProcess, settings_env, wait_for
@@ -42,13 +43,13 @@ def produce(
 
 
 def stock(settings: Settings) -> StockRow:
-    with InventoryStore(settings.inventory_db_path()) as store:
+    with open_inventory_store(settings) as store:
         (row,) = store.stock(SKU)
     return row
 
 
 def status(settings: Settings, order_id: str) -> str | None:
-    with InventoryStore(settings.inventory_db_path()) as store:
+    with open_inventory_store(settings) as store:
         outcome = store.order_outcomes().get(order_id)
     return None if outcome is None else outcome.status
 
@@ -82,7 +83,7 @@ def cli(settings: Settings, *args: str) -> Any:
 def test_early_cancel_is_replayed_once_the_order_exists(
     settings: Settings, service_factory: Callable[..., ServiceProcess]
 ) -> None:
-    with InventoryStore(settings.inventory_db_path()) as store:
+    with open_inventory_store(settings) as store:
         store.seed({SKU: 50})
     inventory = service_factory(["inventory", "run"], settings, "inv")
 

@@ -7,8 +7,9 @@ import uuid
 from confluent_kafka import Consumer
 
 from ordermesh.config import Settings
+from ordermesh.kafka.admin import ensure_topics
 from ordermesh.kafka.client import make_admin, make_consumer, make_producer, producer_config
-from ordermesh.topics import SPECS, ensure_topics
+from ordermesh.topics import SPECS
 from tests.conftest import SettingsFactory
 
 

@@ -9,14 +9,14 @@ from collections import Counter
 from collections.abc import Callable
 
 from ordermesh import schema
+from ordermesh.apps.inventory import inventory_runner
 from ordermesh.config import Settings
 from ordermesh.errors import DecodeError
-from ordermesh.kafka.apps import inventory_runner
 from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import end_offsets, read_topic
 from ordermesh.loadgen import run_load, sku_name
 from ordermesh.records import ERROR_HEADER_PREFIX, header
-from ordermesh.stores.inventory import InventoryStore
+from ordermesh.stores.factory import open_inventory_store
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import ServiceProcess, wait_for
@@ -34,7 +34,7 @@ ERROR_HEADERS = (
 
 
 def seed(settings: Settings, skus: int, stock: int) -> None:
-    store = InventoryStore(settings.inventory_db_path())
+    store = open_inventory_store(settings)
     store.seed({sku_name(i): stock for i in range(1, skus + 1)})
     store.close()
 
@@ -57,7 +57,7 @@ def test_20k_orders_with_malformed_no_faults(settings: Settings) -> None:
     assert summary.failed == 0 and summary.acknowledged == 20_000
     assert summary.malformed_sent > 500
 
-    store = InventoryStore(settings.inventory_db_path())
+    store = open_inventory_store(settings)
     runner = inventory_runner(settings, store)
     runner.run(idle_exit_s=3.0)
     store.close()
@@ -142,7 +142,7 @@ def test_two_instances_with_rebalance_mid_stream(
     report = verify(settings, check_tracker=False)
     assert report.ok, report.violations
     assert report.orders_records == 24_000
-    store = InventoryStore(settings.inventory_db_path())
+    store = open_inventory_store(settings)
     assert all(row.available >= 0 for row in store.stock())
     store.close()
 

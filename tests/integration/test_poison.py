@@ -21,9 +21,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ConfigResource,
 )
 
+from ordermesh.apps.inventory import inventory_runner
 from ordermesh.config import Settings
 from ordermesh.kafka import runner as runner_mod
-from ordermesh.kafka.apps import inventory_runner
 from ordermesh.kafka.client import common_config, make_admin, make_producer
 from ordermesh.kafka.metrics import scrape_text
 from ordermesh.kafka.reader import read_topic
@@ -39,7 +39,7 @@ from ordermesh.records import (
     header,
     undecodable,
 )
-from ordermesh.stores.inventory import InventoryStore
+from ordermesh.stores.factory import open_inventory_store
 from ordermesh.topics import DLQ, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import wait_for
@@ -87,7 +87,7 @@ def test_header_name_not_utf8_is_dead_lettered_and_the_runner_goes_on(
     poison = marked[0]
     assert "UTF-8" in (undecodable(poison) or "")
 
-    store = InventoryStore(settings.inventory_db_path())
+    store = open_inventory_store(settings)
     try:
         stats = inventory_runner(settings, store).run(idle_exit_s=3.0)
     finally:
@@ -128,7 +128,7 @@ def test_dlq_copy_over_the_topic_limit_is_sent_truncated(settings: Settings) -> 
     assert producer.flush(30) == 0
     run_load(settings, count=200, duration=None, rate=None, malformed_ratio=0.0, seed=5, skus=20)
 
-    store = InventoryStore(settings.inventory_db_path())
+    store = open_inventory_store(settings)
     try:
         inventory_runner(settings, store).run(idle_exit_s=3.0)
     finally:

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import msgspec
 
 from ordermesh import schema
+from ordermesh.apps.inventory import inventory_runner
+from ordermesh.apps.tracker import tracker_runner
 from ordermesh.config import Settings
-from ordermesh.kafka.apps import inventory_runner, tracker_runner
 from ordermesh.kafka.client import make_producer
 from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import read_topic
@@ -17,8 +18,7 @@ from ordermesh.kafka.runner import BatchRunner
 from ordermesh.loadgen import run_load
 from ordermesh.records import ERROR_HEADER_PREFIX, header
 from ordermesh.services.tracker import TrackerService
-from ordermesh.stores.inventory import InventoryStore
-from ordermesh.stores.tracker import TrackerStore
+from ordermesh.stores.factory import open_inventory_store, open_order_queries, open_tracker_store
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import ServiceProcess, wait_for
@@ -61,7 +61,7 @@ def test_tracker_agrees_with_inventory_including_cancellations(
     assert summary.failed == 0 and summary.malformed_sent > 50
     wait_for(lambda: _lag(settings, "inventory", [ORDERS]) == 0, 60, "inventory to decide")
 
-    with InventoryStore(settings.inventory_db_path()) as inv:
+    with open_inventory_store(settings) as inv:
         decided = inv.order_outcomes()
         stock_before = {row.sku: row for row in inv.stock()}
     to_cancel = sorted(oid for oid, o in decided.items() if o.status == "RESERVED")[:CANCELS]
@@ -79,10 +79,10 @@ def test_tracker_agrees_with_inventory_including_cancellations(
     assert report.tracker_orders == report.valid_orders == 3_000 - summary.malformed_sent
     assert report.tracker_missing == report.tracker_mismatches == 0
 
-    with InventoryStore(settings.inventory_db_path()) as inv:
+    with open_inventory_store(settings) as inv:
         final = inv.order_outcomes()
         stock_after = {row.sku: row for row in inv.stock()}
-    with TrackerStore(settings.tracker_db_path(), readonly=True) as store:
+    with open_order_queries(settings) as store:
         statuses = store.statuses()
         counts = store.status_counts()
         assert store.pending_count() == 0
@@ -129,11 +129,11 @@ def test_events_read_before_their_orders_wait_in_pending(settings: Settings) -> 
         settings, count=2_000, duration=None, rate=None, malformed_ratio=0.02, seed=9, skus=105
     )
     valid = 2_000 - summary.malformed_sent
-    with InventoryStore(settings.inventory_db_path()) as inv:
+    with open_inventory_store(settings) as inv:
         inventory_runner(settings, inv).run(idle_exit_s=2.0)
     assert _lag(settings, "inventory", [ORDERS, COMMANDS]) == 0
 
-    with TrackerStore(settings.tracker_db_path()) as store:
+    with open_tracker_store(settings) as store:
         # the tracker group reads order-events alone first: the worst case of a tracker
         # catching up on both topics, made deterministic
         early = TrackerService(
@@ -179,9 +179,9 @@ def test_reused_order_id_with_another_body_is_dead_lettered_once(settings: Setti
     redelivered = msgspec.structs.replace(first, created_at=first.created_at + 60)
 
     def run_both() -> None:
-        with InventoryStore(settings.inventory_db_path()) as inv:
+        with open_inventory_store(settings) as inv:
             inventory_runner(settings, inv).run(idle_exit_s=2.0)
-        with TrackerStore(settings.tracker_db_path()) as store:
+        with open_tracker_store(settings) as store:
             tracker_runner(settings, store).run(idle_exit_s=2.0)
 
     producer = make_producer(settings)
@@ -202,13 +202,13 @@ def test_reused_order_id_with_another_body_is_dead_lettered_once(settings: Setti
         r.value for r in read_topic(settings, settings.topic(EVENTS)) if r.key == b"ord-reused"
     ]
     assert len(outcomes) == 2 and outcomes[0] == outcomes[1]  # the redelivery's re-emit
-    with InventoryStore(settings.inventory_db_path()) as inv:
+    with open_inventory_store(settings) as inv:
         assert {row.sku: row.reserved for row in inv.stock()} == {
             "SKU-00001": 2,
             "SKU-00002": 0,
             "SKU-00003": 0,
         }
-    with TrackerStore(settings.tracker_db_path()) as store:
+    with open_tracker_store(settings) as store:
         view = store.get_order("ord-reused")
     assert view is not None and view.status == "RESERVED"
     assert (view.customer_id, [i.sku for i in view.items]) == ("cust-1", ["SKU-00001"])

@@ -8,15 +8,15 @@ from typing import Any
 from typer.testing import CliRunner
 
 from ordermesh import schema
+from ordermesh.apps.inventory import inventory_runner
+from ordermesh.apps.tracker import tracker_runner
 from ordermesh.cli import app
 from ordermesh.config import Settings
-from ordermesh.kafka.apps import inventory_runner, tracker_runner
 from ordermesh.kafka.client import make_producer
 from ordermesh.kafka.runner import BatchRunner
 from ordermesh.loadgen import run_load
 from ordermesh.records import InRecord, OutRecord
-from ordermesh.stores.inventory import InventoryStore
-from ordermesh.stores.tracker import TrackerStore
+from ordermesh.stores.factory import open_inventory_store, open_tracker_store
 from ordermesh.topics import COMMANDS, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import settings_env
@@ -76,7 +76,7 @@ def test_unprocessed_work_is_pending_until_the_services_catch_up(settings: Setti
     assert code == 1 and shown["ok"] is True and shown["drained"] is False
     assert shown["pending"] == report.pending
 
-    with InventoryStore(settings.inventory_db_path()) as store:
+    with open_inventory_store(settings) as store:
         inventory_runner(settings, store).run(idle_exit_s=2.0)
     code, shown = cli_verify(settings, "--no-tracker", "--wait-drained", "30")
     assert code == 0, shown["violations"]
@@ -85,10 +85,10 @@ def test_unprocessed_work_is_pending_until_the_services_catch_up(settings: Setti
 
     # a deployment with a tracker: no tracker store is a failure, an idle tracker is pending
     assert verify(settings).violation_counts == {"tracker_store_missing": 1}
-    TrackerStore(settings.tracker_db_path()).close()
+    open_tracker_store(settings).close()
     report = verify(settings)
     assert report.ok and report.pending_counts == {"tracker_missing": valid}
-    with TrackerStore(settings.tracker_db_path()) as tracker:
+    with open_tracker_store(settings) as tracker:
         tracker_runner(settings, tracker).run(idle_exit_s=2.0)
     report = verify(settings)
     assert report.ok and report.pending == 0, (report.violations, report.pending_counts)

@@ -16,12 +16,13 @@ import httpx
 import pytest
 
 from ordermesh.api import create_app
-from ordermesh.api.idempotency import IdempotencyStore, client_for_api_key, order_id_for_key
+from ordermesh.api.idempotency import client_for_api_key, order_id_for_key
 from ordermesh.api.problems import HTTPProblem
 from ordermesh.api.server import ThreadedServer
 from ordermesh.api.tracking import OrderReader
 from ordermesh.config import Settings
-from ordermesh.stores.tracker import TrackerStore
+from ordermesh.stores.sqlite_idempotency import SqliteIdempotencyStore
+from ordermesh.stores.sqlite_tracker import SqliteTrackerStore
 from tests.unit.test_api_props import AckingProducer
 
 PROBLEM = "application/problem+json"
@@ -39,7 +40,7 @@ def body(quantity: int = 1) -> dict[str, Any]:
 
 
 def start(data: Path, **settings: Any) -> tuple[ThreadedServer, AckingProducer]:
-    TrackerStore(data / "tracker.db").close()
+    SqliteTrackerStore(data / "tracker.db").close()
     # a port nothing listens on: the admin client (health) must never be needed here
     app_settings = Settings(data_dir=data, bootstrap_servers="127.0.0.1:9", **settings)
     producer = AckingProducer()
@@ -128,12 +129,12 @@ def test_unscoped_idempotency_db_is_upgraded(tmp_path: Path) -> None:
         )
         conn.execute("INSERT INTO idempotency_keys VALUES ('k1', 'h1', 'ord-1', 1.0, 2.0)")
     for _ in range(2):  # a second open finds it upgraded
-        store = IdempotencyStore(path)
+        store = SqliteIdempotencyStore(path)
         record = store.get("", "k1")
         assert record is not None and (record.order_id, record.acked_at) == ("ord-1", 2.0)
         assert store.get("key-x", "k1") is None
         store.close()
-    store = IdempotencyStore(path)
+    store = SqliteIdempotencyStore(path)
     assert store.reserve("key-x", "k1", "h2", "ord-2", 3.0).order_id == "ord-2"
     assert store.reserve("", "k1", "h2", "ord-3", 3.0).order_id == "ord-1"
     store.close()
@@ -143,7 +144,7 @@ def test_unscoped_idempotency_db_is_upgraded(tmp_path: Path) -> None:
 
 
 def test_waiters_are_capped(tmp_path: Path) -> None:
-    store = TrackerStore(tmp_path / "tracker.db")
+    store = SqliteTrackerStore(tmp_path / "tracker.db")
     reader = OrderReader(store, poll_interval_s=0.01, max_waiters=2)
 
     async def scenario() -> None:

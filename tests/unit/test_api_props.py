@@ -26,7 +26,7 @@ from ordermesh.api import create_app
 from ordermesh.api.bodies import REQUEST_FIELDS
 from ordermesh.api.server import ThreadedServer
 from ordermesh.config import Settings
-from ordermesh.stores.tracker import TrackerStore
+from ordermesh.stores.sqlite_tracker import SqliteTrackerStore
 
 PROBLEM = "application/problem+json"
 EXAMPLES = 50  # x 4 properties = 200 requests, a few seconds
@@ -65,7 +65,7 @@ class AckingProducer:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, AckingProducer]]:
     data = tmp_path_factory.mktemp("api")
-    TrackerStore(data / "tracker.db").close()
+    SqliteTrackerStore(data / "tracker.db").close()
     # a port nothing listens on: the admin client (health) must never be needed here
     app_settings = Settings(data_dir=Path(data), bootstrap_servers="127.0.0.1:9")
     producer = AckingProducer()

@@ -36,7 +36,7 @@ from ordermesh.services.dlq import (
     reason,
 )
 from ordermesh.services.inventory import InventoryService
-from ordermesh.stores.inventory import InventoryStore
+from ordermesh.stores.sqlite_inventory import SqliteInventoryStore
 
 ORDERS = "orders"
 COMMANDS = "order-commands"
@@ -465,8 +465,8 @@ def test_replays_come_in_dlq_order() -> None:
 
 
 @pytest.fixture
-def inventory(tmp_path: Path) -> Iterator[tuple[InventoryService, InventoryStore]]:
-    with InventoryStore(tmp_path / "inventory.db") as store:
+def inventory(tmp_path: Path) -> Iterator[tuple[InventoryService, SqliteInventoryStore]]:
+    with SqliteInventoryStore(tmp_path / "inventory.db") as store:
         store.seed({"A": 10})
         service = InventoryService(
             store,
@@ -486,7 +486,7 @@ def _dlq_of(outs: list[OutRecord], partition: int, offset: int) -> DlqEntry:
 
 
 def test_replay_count_survives_a_failing_round_trip(
-    inventory: tuple[InventoryService, InventoryStore],
+    inventory: tuple[InventoryService, SqliteInventoryStore],
 ) -> None:
     service, _ = inventory
     bad = source(ORDERS, b'{"order_id":"o-bad","customer', b"o-bad", headers=[("trace", b"t")])
@@ -518,7 +518,7 @@ def test_replay_count_survives_a_failing_round_trip(
 
 
 def test_early_cancel_replays_once_the_order_exists(
-    inventory: tuple[InventoryService, InventoryStore],
+    inventory: tuple[InventoryService, SqliteInventoryStore],
 ) -> None:
     service, store = inventory
     cmd = CancelOrder(order_id="o-late", requested_at=1.0, reason="customer")

@@ -1,4 +1,5 @@
-"""InventoryService + InventoryStore on a real SQLite file, with hand-built records."""
+"""InventoryService over each store backend (a real SQLite file, a real PostgreSQL
+database), with hand-built records."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import itertools
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -28,18 +29,22 @@ from ordermesh.schema import (
     StockReleased,
 )
 from ordermesh.services.inventory import DUPLICATE_ORDER_ID, InventoryService
-from ordermesh.stores.inventory import MAX_STOCK, InventoryStore, StockRow
+from ordermesh.stores.inventory import MAX_STOCK, StockRow
+from ordermesh.stores.postgres_inventory import PostgresInventoryStore
+from ordermesh.stores.sqlite_inventory import SqliteInventoryStore
+from tests.store_backends import BACKENDS, migrated_database
 
 ORDERS = "orders"
 COMMANDS = "order-commands"
 EVENTS = "order-events"
 DLQ = "orders-dlq"
+Store = SqliteInventoryStore | PostgresInventoryStore
 ERROR_FIELDS = ("topic", "partition", "offset", "timestamp", "service", "stage", "class", "message")
 
 _offsets = itertools.count()
 
 
-def service_for(store: InventoryStore, now: float = 1000.0) -> InventoryService:
+def service_for(store: Store, now: float = 1000.0) -> InventoryService:
     return InventoryService(
         store,
         orders_topic=ORDERS,
@@ -81,7 +86,7 @@ def cancel(order_id: str, reason: str = "") -> InRecord:
     return rec(COMMANDS, schema.encode(cmd), order_id.encode())
 
 
-def stock_of(store: InventoryStore) -> dict[str, tuple[int, int]]:
+def stock_of(store: Store) -> dict[str, tuple[int, int]]:
     return {row.sku: (row.available, row.reserved) for row in store.stock()}
 
 
@@ -90,15 +95,36 @@ def events(out: list[OutRecord]) -> list[schema.OrderEvent]:
     return [schema.decode_event(r.value) for r in out]
 
 
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    opened: Store
+    if request.param == "postgres":
+        opened = PostgresInventoryStore(migrated_database(request))
+    else:
+        opened = SqliteInventoryStore(tmp_path / "inventory.db")
+    with opened as s:
+        s.seed({"A": 10, "B": 5, "C": 1})
+        yield s
+
+
+@pytest.fixture(params=BACKENDS)
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Opens one more instance of a store on one database (empty, of each backend)."""
+    if request.param == "postgres":
+        url = migrated_database(request)
+        return lambda: PostgresInventoryStore(url)
+    return lambda: SqliteInventoryStore(tmp_path / "shared.db")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[InventoryStore]:
-    with InventoryStore(tmp_path / "inventory.db") as s:
+def sqlite_store(tmp_path: Path) -> Iterator[SqliteInventoryStore]:
+    with SqliteInventoryStore(tmp_path / "inventory.db") as s:
         s.seed({"A": 10, "B": 5, "C": 1})
         yield s
 
 
 @pytest.fixture
-def service(store: InventoryStore) -> InventoryService:
+def service(store: Store) -> InventoryService:
     return service_for(store)
 
 
@@ -106,7 +132,7 @@ def service(store: InventoryStore) -> InventoryService:
 
 
 def test_reserve_takes_every_item_and_aggregates_repeated_skus(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     out = service.handle([placed(order("o1", ("A", 3), ("B", 2), ("A", 1)))])
 
@@ -126,7 +152,7 @@ def test_reserve_takes_every_item_and_aggregates_repeated_skus(
     assert service.stats.reserved == 1
 
 
-def test_out_of_stock_reserves_nothing(store: InventoryStore, service: InventoryService) -> None:
+def test_out_of_stock_reserves_nothing(store: Store, service: InventoryService) -> None:
     # A is plentiful, C is short: all or nothing, so A must stay untouched
     out = service.handle([placed(order("o1", ("A", 2), ("C", 1), ("C", 1)))])
 
@@ -140,7 +166,7 @@ def test_out_of_stock_reserves_nothing(store: InventoryStore, service: Inventory
 
 
 def test_later_orders_in_a_batch_see_earlier_reservations(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     out = service.handle([placed(order("o1", ("B", 4))), placed(order("o2", ("B", 2)))])
 
@@ -150,7 +176,7 @@ def test_later_orders_in_a_batch_see_earlier_reservations(
     assert stock_of(store)["B"] == (1, 4)
 
 
-def test_unknown_sku_is_rejected_by_name(store: InventoryStore, service: InventoryService) -> None:
+def test_unknown_sku_is_rejected_by_name(store: Store, service: InventoryService) -> None:
     out = service.handle([placed(order("o1", ("A", 1), ("NOPE", 1)))])
 
     (event,) = events(out)
@@ -165,7 +191,7 @@ def test_unknown_sku_is_rejected_by_name(store: InventoryStore, service: Invento
 
 
 def test_duplicate_in_same_batch_reemits_identical_bytes(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     o = order("o1", ("A", 3))
     out = service.handle([placed(o), placed(o)])
@@ -178,7 +204,7 @@ def test_duplicate_in_same_batch_reemits_identical_bytes(
 
 
 def test_redelivered_batch_reemits_identical_bytes_and_keeps_stock(
-    tmp_path: Path, store: InventoryStore
+    tmp_path: Path, store: Store
 ) -> None:
     batch = [placed(order("o1", ("A", 3))), placed(order("o2", ("C", 5)))]
     first = service_for(store, now=1000.0).handle(batch)
@@ -201,7 +227,7 @@ def test_redelivered_batch_reemits_identical_bytes_and_keeps_stock(
 
 
 def test_store_failure_commits_nothing_and_redelivery_works(
-    store: InventoryStore, service: InventoryService, monkeypatch: pytest.MonkeyPatch
+    store: Store, service: InventoryService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batch = [placed(order("o1", ("A", 3))), cancel("o1")]
 
@@ -246,7 +272,7 @@ def assert_dead_letter(out: OutRecord, original: InRecord, stage: str, error_cla
 
 
 def test_malformed_input_goes_to_dlq_with_original_bytes(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     bad_total = schema.encode(order("o2", ("A", 1))).replace(b'"total":2.5', b'"total":3.0')
     batch = [
@@ -272,7 +298,7 @@ def test_malformed_input_goes_to_dlq_with_original_bytes(
 
 
 def test_reused_order_id_with_another_body_is_dead_lettered(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     first = order("o1", ("A", 3), ("B", 1))
     decided = service.handle([placed(first)])
@@ -304,9 +330,7 @@ def test_reused_order_id_with_another_body_is_dead_lettered(
     assert fresh.stats.dlq == 1 and fresh.stats.duplicates == 0
 
 
-def test_restock_command_on_kafka_is_not_a_command(
-    store: InventoryStore, service: InventoryService
-) -> None:
+def test_restock_command_on_kafka_is_not_a_command(store: Store, service: InventoryService) -> None:
     # stock enters only through the operator CLI; a restock on order-commands is refused
     raw = msgspec.json.encode({"type": "Restock", "sku": "A", "quantity": 2**62})
     record = rec(COMMANDS, raw, b"A")
@@ -316,7 +340,7 @@ def test_restock_command_on_kafka_is_not_a_command(
 
 
 def test_cancel_reason_over_the_limit_is_dead_lettered(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     service.handle([placed(order("o1", ("A", 1)))])
     record = cancel("o1", reason="x" * (schema.MAX_CANCEL_REASON + 1))
@@ -328,7 +352,7 @@ def test_cancel_reason_over_the_limit_is_dead_lettered(
 # --- cancellation ---------------------------------------------------------------------
 
 
-def test_cancel_releases_exactly_once(store: InventoryStore, service: InventoryService) -> None:
+def test_cancel_releases_exactly_once(store: Store, service: InventoryService) -> None:
     service.handle([placed(order("o1", ("A", 3), ("B", 5)))])
     assert stock_of(store)["B"] == (0, 5)
 
@@ -350,9 +374,7 @@ def test_cancel_releases_exactly_once(store: InventoryStore, service: InventoryS
     assert service.stats.cancelled == 1
 
 
-def test_cancel_in_the_same_batch_as_its_order(
-    store: InventoryStore, service: InventoryService
-) -> None:
+def test_cancel_in_the_same_batch_as_its_order(store: Store, service: InventoryService) -> None:
     out = service.handle([placed(order("o1", ("B", 5))), cancel("o1"), cancel("o1")])
 
     kinds = [type(e).__name__ for e in events(out)]
@@ -367,7 +389,7 @@ def test_cancel_in_the_same_batch_as_its_order(
 
 
 def test_cancel_of_rejected_order_is_an_event_and_of_unknown_order_a_dead_letter(
-    store: InventoryStore, service: InventoryService
+    store: Store, service: InventoryService
 ) -> None:
     service.handle([placed(order("o1", ("C", 9)))])  # rejected: out of stock
     batch = [cancel("o1"), cancel("ghost")]
@@ -388,7 +410,7 @@ def test_cancel_of_rejected_order_is_an_event_and_of_unknown_order_a_dead_letter
 # --- store ----------------------------------------------------------------------------
 
 
-def test_seed_keeps_existing_stock_and_restock_adds(store: InventoryStore) -> None:
+def test_seed_keeps_existing_stock_and_restock_adds(store: Store) -> None:
     assert store.seed({"A": 99, "D": 7}) == 1
     assert store.stock("A") == [StockRow("A", 10, 0)]
     assert store.stock("D") == [StockRow("D", 7, 0)]
@@ -400,7 +422,7 @@ def test_seed_keeps_existing_stock_and_restock_adds(store: InventoryStore) -> No
         store.update_stock([StockRow("A", 1, 1)])
 
 
-def test_restock_and_seed_are_bounded(store: InventoryStore) -> None:
+def test_restock_and_seed_are_bounded(store: Store) -> None:
     # two restocks of 2**62 once overflowed SQLite's integers into a float
     with pytest.raises(ValueError, match=r"1\.\.1000000000000"):
         store.restock("A", 2**62)
@@ -440,14 +462,14 @@ def test_a_database_without_body_hash_gets_the_column(tmp_path: Path) -> None:
             "INSERT INTO orders VALUES ('old', 'REJECTED', 'UNKNOWN_SKU', '[[\"Z\",1]]',"
             " X'7B7D', 1.0, NULL)"
         )
-    with InventoryStore(path) as store:
+    with SqliteInventoryStore(path) as store:
         store.seed({"A": 10})
         service = service_for(store)
         # a legacy row has no fingerprint: any copy is answered as before
         (legacy,) = service.handle([placed(order("old", ("A", 1)))])
         assert (legacy.topic, legacy.value) == (EVENTS, b"{}")
         service.handle([placed(order("new", ("A", 1)))])
-    with InventoryStore(path) as store:  # a second open finds the column in place
+    with SqliteInventoryStore(path) as store:  # a second open finds the column in place
         (dlq,) = service_for(store).handle([placed(order("new", ("A", 2)))])
         assert dlq.topic == DLQ
     with sqlite3.connect(path) as conn:
@@ -459,8 +481,8 @@ def test_a_database_without_body_hash_gets_the_column(tmp_path: Path) -> None:
     store.update_stock([])  # nothing to write needs no transaction
 
 
-def test_many_skus_and_orders_cross_the_in_chunk_limit(tmp_path: Path) -> None:
-    with InventoryStore(tmp_path / "big.db") as store:
+def test_many_skus_and_orders_cross_the_in_chunk_limit(opener: Callable[[], Store]) -> None:
+    with opener() as store:
         store.seed({f"S{i}": 100 for i in range(1200)})
         service = service_for(store)
         batch = [placed(order(f"o{i}", (f"S{i}", 1), (f"S{i + 1}", 2))) for i in range(1100)]
@@ -478,7 +500,7 @@ def test_many_skus_and_orders_cross_the_in_chunk_limit(tmp_path: Path) -> None:
 # --- invariants -----------------------------------------------------------------------
 
 
-def check_invariants(store: InventoryStore) -> None:
+def check_invariants(store: Store) -> None:
     totals = store.movements_total()
     held: dict[str, int] = {}
     for outcome in store.order_outcomes().values():
@@ -509,7 +531,7 @@ op = st.one_of(
 def test_stock_is_conserved_over_random_sequences(
     batches: list[list[tuple[object, ...]]], redeliver: bool
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp, InventoryStore(Path(tmp) / "inv.db") as store:
+    with tempfile.TemporaryDirectory() as tmp, SqliteInventoryStore(Path(tmp) / "inv.db") as store:
         store.seed({"A": 6, "B": 3, "C": 0})
         service = service_for(store)
         emitted: dict[tuple[bytes | None, str], set[bytes | None]] = {}
@@ -537,10 +559,9 @@ def test_stock_is_conserved_over_random_sequences(
         assert all(len(values) == 1 for values in emitted.values())
 
 
-def test_two_instances_on_one_db_never_over_reserve(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
+def test_two_instances_on_one_db_never_over_reserve(opener: Callable[[], Store]) -> None:
     seeded = {"A": 50, "B": 30}
-    with InventoryStore(path) as s1, InventoryStore(path) as s2:
+    with opener() as s1, opener() as s2:
         s1.seed(seeded)
         one, two = service_for(s1), service_for(s2)
         batches = [
@@ -561,15 +582,14 @@ def test_two_instances_on_one_db_never_over_reserve(tmp_path: Path) -> None:
         check_invariants(s1)
 
 
-def test_two_instances_in_threads_serialize_on_the_db(tmp_path: Path) -> None:
-    path = tmp_path / "shared.db"
-    with InventoryStore(path) as seed_store:
+def test_two_instances_in_threads_serialize_on_the_db(opener: Callable[[], Store]) -> None:
+    with opener() as seed_store:
         seed_store.seed({"A": 100})
     errors: list[BaseException] = []
 
     def run(name: str) -> None:
         try:
-            with InventoryStore(path) as store:
+            with opener() as store:
                 service = service_for(store)
                 for b in range(20):
                     # both instances see the same orders (overlapping partitions) and own ones
@@ -586,7 +606,7 @@ def test_two_instances_in_threads_serialize_on_the_db(tmp_path: Path) -> None:
         t.join()
 
     assert not errors
-    with InventoryStore(path) as store:
+    with opener() as store:
         outcomes = store.order_outcomes()
         reserved = sum(1 for o in outcomes.values() if o.status == "RESERVED")
         assert len(outcomes) == 20 * 3 * 3
@@ -596,9 +616,10 @@ def test_two_instances_in_threads_serialize_on_the_db(tmp_path: Path) -> None:
 
 
 def test_batch_of_only_dead_letters_does_not_lock_the_db(
-    store: InventoryStore, service: InventoryService
+    sqlite_store: SqliteInventoryStore,
 ) -> None:
-    other = sqlite3.connect(store.path, isolation_level=None)
+    service = service_for(sqlite_store)
+    other = sqlite3.connect(sqlite_store.path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another instance holds the write lock
         out = service.handle([rec(ORDERS, b"garbage", b"k")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from rich.console import Console
 
 from ordermesh.cli.mesh import _Rates, render
@@ -32,7 +33,8 @@ def test_render_shows_outcomes_dlq_latency_lag_and_services() -> None:
         "at": T0,
         "topics": {"orders": 3, "order-events": 2, "orders-dlq": 1, "order-commands": 0},
         "lag": {"inventory": 7, "tracker": 0},
-        "analytics": an.snapshot(),
+        # as ``ordermesh top`` gets it: the JSON of /snapshot
+        "analytics": msgspec.json.decode(msgspec.json.encode(an.snapshot())),
         "services": {"inventory-1": {"pid": 42, "running": True, "restarts": 1}},
     }
     rates = _Rates()

@@ -6,11 +6,13 @@ import os
 import signal
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from ordermesh.config import Settings
 from ordermesh.errors import ConfigError
-from ordermesh.kafka.runner import BatchRunner, _Batch, _Delivery, is_permanent
+from ordermesh.kafka.commits import InFlightBatch
+from ordermesh.kafka.producer import Delivery, is_permanent
+from ordermesh.kafka.runner import BatchRunner
 from ordermesh.records import (
     ERROR_HEADER_PREFIX,
     ORIGINAL_SIZE_HEADER,
@@ -108,13 +110,15 @@ def test_lost_partitions_drop_only_their_offsets(monkeypatch: pytest.MonkeyPatch
     runner.stats.assigned = {("a", 0), ("a", 1), ("b", 0)}
     first = [TopicPartition("a", 0, 10), TopicPartition("a", 1, 20), TopicPartition("b", 0, 5)]
     second = [TopicPartition("a", 1, 25)]
-    runner._in_flight.append(_Batch([], first, _Delivery()))
-    runner._in_flight.append(_Batch([], second, _Delivery()))
+    runner.commits.batches.append(InFlightBatch([], first, Delivery()))
+    runner.commits.batches.append(InFlightBatch([], second, Delivery()))
 
     runner._on_lost(runner.consumer, [TopicPartition("a", 1)])
 
-    assert len(runner._in_flight) == 2
-    kept = [[(tp.topic, tp.partition, tp.offset) for tp in b.offsets] for b in runner._in_flight]
+    assert len(runner.commits) == 2
+    kept = [
+        [(tp.topic, tp.partition, tp.offset) for tp in b.offsets] for b in runner.commits.batches
+    ]
     assert kept == [[("a", 0, 10), ("b", 0, 5)], []]
     assert runner.stats.assigned == {("a", 0), ("b", 0)}
 
@@ -152,10 +156,58 @@ def test_output_without_source_is_matched_by_key(monkeypatch: pytest.MonkeyPatch
     runner = _runner(monkeypatch)
     rec = _record()
     other = InRecord("orders", 1, 3, b"o-2", b"{}", [], 1)
-    batch = _Batch([rec, other], [], _Delivery())
+    batch = InFlightBatch([rec, other], [], Delivery())
     event = OutRecord("events", b"o-1", b"y" * 10)
     replacement = runner._after_permanent(batch, event, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
     assert replacement is not None and replacement.topic == runner._dlq_topic
     assert replacement.source == rec
     assert header(replacement.headers, ERROR_HEADER_PREFIX + "stage") == b"produce"
     assert header(replacement.headers, ERROR_HEADER_PREFIX + "class") == b"MSG_SIZE_TOO_LARGE"
+
+
+class _RecordingConsumer:
+    """Stands in for the client's commit only: fails the first ``fail`` commits."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.commits: list[list[tuple[str, int, int]]] = []
+
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        if self.fail > 0:
+            self.fail -= 1
+            raise KafkaException(KafkaError(KafkaError._WAIT_COORD))
+        self.commits.append([(tp.topic, tp.partition, tp.offset) for tp in offsets])
+
+
+def test_a_failed_commit_is_committed_again_for_partitions_still_owned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = _runner(monkeypatch)
+    fake = _RecordingConsumer(fail=1)
+    runner.consumer = fake  # type: ignore[assignment]
+    runner.stats.assigned = {("a", 0), ("a", 1)}
+    runner._commit([TopicPartition("a", 0, 10), TopicPartition("a", 1, 7)], asynchronous=True)
+    assert fake.commits == [] and runner._commit_failed
+
+    # an async failure reported later counts the same way
+    runner._commit_failed = False
+    runner._on_commit(KafkaError(KafkaError._TRANSPORT), [])
+    assert runner._commit_failed
+
+    runner._on_revoke(runner.consumer, [TopicPartition("a", 1)])  # no longer ours
+    runner._recommit(asynchronous=True)
+    assert fake.commits == [[("a", 0, 10)]]
+    assert not runner._commit_failed
+
+
+def test_losing_every_partition_arms_the_rejoin_and_an_assignment_disarms_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = _runner(monkeypatch)
+    runner.stats.assigned = {("a", 0), ("a", 1)}
+    runner._on_lost(runner.consumer, [TopicPartition("a", 0)])
+    assert runner._lost_all_at is None  # one partition still ours
+    runner._on_lost(runner.consumer, [TopicPartition("a", 1)])
+    assert runner._lost_all_at is not None
+    runner._on_assign(runner.consumer, [TopicPartition("a", 0)])
+    assert runner._lost_all_at is None

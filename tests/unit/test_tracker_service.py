@@ -1,4 +1,5 @@
-"""TrackerService + TrackerStore on a real SQLite file, with hand-built records."""
+"""TrackerService over each store backend (a real SQLite file, a real PostgreSQL
+database), with hand-built records."""
 
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ from ordermesh.schema import (
     StockReleased,
 )
 from ordermesh.services.tracker import TrackerService
+from ordermesh.stores.postgres_tracker import PostgresTrackerStore
+from ordermesh.stores.sqlite_tracker import SqliteOrderQueries, SqliteTrackerStore
 from ordermesh.stores.tracker import (
     HistoryEntry,
     OrderItemView,
     OrderView,
-    TrackerStore,
     encode_cursor,
 )
+from tests.store_backends import BACKENDS, migrated_database
 
+Store = SqliteTrackerStore | PostgresTrackerStore
 ORDERS = "orders"
 EVENTS = "order-events"
 DLQ = "orders-dlq"
@@ -43,7 +47,7 @@ DLQ = "orders-dlq"
 _offsets = itertools.count()
 
 
-def service_for(store: TrackerStore, now: float = 5000.0) -> TrackerService:
+def service_for(store: Store, now: float = 5000.0) -> TrackerService:
     return TrackerService(
         store, orders_topic=ORDERS, events_topic=EVENTS, dlq_topic=DLQ, clock=lambda: now
     )
@@ -98,14 +102,19 @@ def events_of(view: OrderView | None) -> list[str]:
     return [h.event for h in view.history]
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[TrackerStore]:
-    with TrackerStore(tmp_path / "tracker.db") as s:
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    opened: Store
+    if request.param == "postgres":
+        opened = PostgresTrackerStore(migrated_database(request))
+    else:
+        opened = SqliteTrackerStore(tmp_path / "tracker.db")
+    with opened as s:
         yield s
 
 
 @pytest.fixture
-def service(store: TrackerStore) -> TrackerService:
+def service(store: Store) -> TrackerService:
     return service_for(store)
 
 
@@ -113,7 +122,7 @@ def service(store: TrackerStore) -> TrackerService:
 
 
 def test_placed_order_is_tracked_with_items_and_history(
-    store: TrackerStore, service: TrackerService
+    store: Store, service: TrackerService
 ) -> None:
     out = service.handle([placed(order("o1"))])
 
@@ -135,7 +144,7 @@ def test_placed_order_is_tracked_with_items_and_history(
 
 
 def test_reserved_then_cancelled_uses_the_events_own_times(
-    store: TrackerStore, service: TrackerService
+    store: Store, service: TrackerService
 ) -> None:
     service.handle([placed(order("o1")), reserved("o1", at=200.0)])
     view = store.get_order("o1")
@@ -157,7 +166,7 @@ def test_reserved_then_cancelled_uses_the_events_own_times(
     assert view.history[2].detail == "released A x2, B x1"
 
 
-def test_rejected_keeps_reason_and_detail(store: TrackerStore, service: TrackerService) -> None:
+def test_rejected_keeps_reason_and_detail(store: Store, service: TrackerService) -> None:
     service.handle([placed(order("o1")), rejected("o1")])
 
     view = store.get_order("o1")
@@ -169,7 +178,7 @@ def test_rejected_keeps_reason_and_detail(store: TrackerStore, service: TrackerS
     )
 
 
-def test_cancel_rejected_is_history_only(store: TrackerStore, service: TrackerService) -> None:
+def test_cancel_rejected_is_history_only(store: Store, service: TrackerService) -> None:
     service.handle([placed(order("o1")), rejected("o1"), cancel_rejected("o1")])
 
     view = store.get_order("o1")
@@ -180,21 +189,19 @@ def test_cancel_rejected_is_history_only(store: TrackerStore, service: TrackerSe
 
 
 def test_store_columns_hold_decided_cancelled_and_version(
-    tmp_path: Path, store: TrackerStore, service: TrackerService
+    tmp_path: Path, store: Store, service: TrackerService
 ) -> None:
     service.handle([placed(order("o1")), reserved("o1", at=200.0)])
     service.handle([released("o1", at=300.0), cancelled("o1", at=301.0)])
 
-    row = store._connection().execute(
-        "SELECT decided_at, cancelled_at, placed_at, seq FROM orders WHERE order_id = 'o1'"
-    )
-    assert row.fetchone() == (200.0, 301.0, 5000.0, 4)
+    (row,) = store.load_orders(["o1"]).values()
+    assert (row.decided_at, row.cancelled_at, row.placed_at, row.seq) == (200.0, 301.0, 5000.0, 4)
 
 
 # --- idempotency and order ------------------------------------------------------------
 
 
-def test_redelivered_batch_changes_nothing(store: TrackerStore) -> None:
+def test_redelivered_batch_changes_nothing(store: Store) -> None:
     batch = [placed(order("o1")), reserved("o1"), placed(order("o2")), rejected("o2")]
     service_for(store, now=5000.0).handle(batch)
     before = (store.get_order("o1"), store.get_order("o2"), store.statuses())
@@ -207,9 +214,7 @@ def test_redelivered_batch_changes_nothing(store: TrackerStore) -> None:
     assert again.stats.transitions == 0 and again.stats.placed == 0
 
 
-def test_duplicates_inside_one_batch_count_once(
-    store: TrackerStore, service: TrackerService
-) -> None:
+def test_duplicates_inside_one_batch_count_once(store: Store, service: TrackerService) -> None:
     o = order("o1")
     service.handle([placed(o), placed(o), reserved("o1"), reserved("o1", at=250.0)])
 
@@ -218,7 +223,7 @@ def test_duplicates_inside_one_batch_count_once(
 
 
 def test_reused_order_id_with_another_body_keeps_the_tracked_order(
-    store: TrackerStore, service: TrackerService
+    store: Store, service: TrackerService
 ) -> None:
     first = order("o1")
     service.handle([placed(first)])
@@ -248,28 +253,31 @@ def test_reused_order_id_with_another_body_keeps_the_tracked_order(
 
 def test_a_database_without_body_hash_gets_the_column(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    with TrackerStore(path) as s:
+    with SqliteTrackerStore(path) as s:
         service_for(s).handle([placed(order("old"))])
     with sqlite3.connect(path) as conn:  # as a release before body_hash left it
         conn.execute("ALTER TABLE orders DROP COLUMN body_hash")
-    reader = TrackerStore(path, readonly=True)  # the API reads an old file as it is
-    assert reader.statuses() == {"old": "PLACED"}
-    with TrackerStore(path) as s:
+        conn.execute("PRAGMA user_version = 1")
+    reader = SqliteOrderQueries(path)  # a reader never upgrades: refused until upgraded
+    with pytest.raises(StoreError, match="schema version 1 is older"):
+        reader.statuses()
+    with SqliteTrackerStore(path) as s:
         service = service_for(s)
         other = msgspec.structs.replace(order("old"), customer_id="c-9")
         # no fingerprint recorded: any copy of a legacy order is a redelivery, as before
         service.handle([placed(other), placed(order("new"))])
         assert service.stats.duplicates == 1
-    with TrackerStore(path) as s:  # reopening finds the column in place
+    with SqliteTrackerStore(path) as s:  # reopening finds the column in place
         service = service_for(s)
         service.handle([placed(msgspec.structs.replace(order("new"), customer_id="c-9"))])
         assert service.stats.conflicts == 1
+    assert reader.statuses() == {"old": "PLACED", "new": "PLACED"}
     view = reader.get_order("old")
     assert view is not None and view.customer_id == "c-1"
     reader.close()
 
 
-def test_status_never_moves_backwards(store: TrackerStore, service: TrackerService) -> None:
+def test_status_never_moves_backwards(store: Store, service: TrackerService) -> None:
     service.handle([placed(order("o1")), reserved("o1"), released("o1"), cancelled("o1")])
     # a changed copy of the order, a late decision: the cancelled order stays cancelled
     service.handle([placed(order("o1", customer="other")), reserved("o1", at=900.0)])
@@ -285,7 +293,7 @@ def test_status_never_moves_backwards(store: TrackerStore, service: TrackerServi
 
 
 def test_events_before_their_order_are_applied_when_it_arrives(
-    store: TrackerStore, service: TrackerService
+    store: Store, service: TrackerService
 ) -> None:
     # read out of order, with a duplicate: cancellation first, decision last
     out = service.handle([cancelled("o1"), released("o1"), cancelled("o1"), reserved("o1")])
@@ -308,9 +316,7 @@ def test_events_before_their_order_are_applied_when_it_arrives(
     assert store.pending_count() == 0
 
 
-def test_event_before_its_order_in_the_same_batch(
-    store: TrackerStore, service: TrackerService
-) -> None:
+def test_event_before_its_order_in_the_same_batch(store: Store, service: TrackerService) -> None:
     service.handle([rejected("o1"), placed(order("o1")), reserved("o2")])
 
     view = store.get_order("o1")
@@ -325,7 +331,7 @@ def test_event_before_its_order_in_the_same_batch(
 
 
 def test_malformed_order_is_skipped_and_not_dead_lettered(
-    store: TrackerStore, service: TrackerService
+    store: Store, service: TrackerService
 ) -> None:
     bad_total = schema.encode(order("o1")).replace(b'"total":15.0', b'"total":16.0')
     out = service.handle([rec(ORDERS, b"{not json"), rec(ORDERS, bad_total), rec(ORDERS, None)])
@@ -335,7 +341,7 @@ def test_malformed_order_is_skipped_and_not_dead_lettered(
     assert store.statuses() == {}
 
 
-def test_malformed_event_is_dead_lettered(store: TrackerStore, service: TrackerService) -> None:
+def test_malformed_event_is_dead_lettered(store: Store, service: TrackerService) -> None:
     bad = rec(EVENTS, b'{"type":"OrderShipped","order_id":"o1"}', b"o1")
     out = service.handle([placed(order("o1")), bad, reserved("o1")])
 
@@ -355,7 +361,7 @@ def test_record_of_an_unexpected_topic_is_dead_lettered(service: TrackerService)
 
 
 def test_store_failure_commits_nothing(
-    store: TrackerStore, service: TrackerService, monkeypatch: pytest.MonkeyPatch
+    store: Store, service: TrackerService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*_: object) -> None:
         raise StoreError("disk full")
@@ -374,7 +380,7 @@ def test_store_failure_commits_nothing(
 
 
 @pytest.fixture
-def many(store: TrackerStore, service: TrackerService) -> TrackerStore:
+def many(store: Store, service: TrackerService) -> SqliteTrackerStore:
     batch: list[InRecord] = []
     for i in range(25):
         oid = f"o{i:02d}"
@@ -387,7 +393,7 @@ def many(store: TrackerStore, service: TrackerService) -> TrackerStore:
     return store
 
 
-def test_pagination_walks_every_order_once(many: TrackerStore) -> None:
+def test_pagination_walks_every_order_once(many: SqliteTrackerStore) -> None:
     seen: list[str] = []
     cursor: str | None = None
     pages = 0
@@ -405,7 +411,7 @@ def test_pagination_walks_every_order_once(many: TrackerStore) -> None:
     assert many.list_orders(limit=25).next_cursor is None
 
 
-def test_filters_combine_with_the_cursor(many: TrackerStore) -> None:
+def test_filters_combine_with_the_cursor(many: SqliteTrackerStore) -> None:
     page = many.list_orders(status="REJECTED", limit=2)
     assert [v.order_id for v in page.orders] == ["o01", "o06"]
     rest = many.list_orders(status="REJECTED", limit=50, cursor=page.next_cursor)
@@ -418,7 +424,7 @@ def test_filters_combine_with_the_cursor(many: TrackerStore) -> None:
     assert many.list_orders(customer_id="nobody").orders == []
 
 
-def test_limit_is_clamped_and_bad_input_is_a_value_error(many: TrackerStore) -> None:
+def test_limit_is_clamped_and_bad_input_is_a_value_error(many: SqliteTrackerStore) -> None:
     assert len(many.list_orders(limit=0).orders) == 1
     assert len(many.list_orders(limit=-5).orders) == 1
     assert len(many.list_orders(limit=10_000).orders) == 25
@@ -432,7 +438,7 @@ def test_limit_is_clamped_and_bad_input_is_a_value_error(many: TrackerStore) -> 
     assert [v.order_id for v in page.orders] == ["o21", "o22", "o23", "o24"]
 
 
-def test_counts_and_statuses(many: TrackerStore) -> None:
+def test_counts_and_statuses(many: SqliteTrackerStore) -> None:
     assert many.status_counts() == {"PLACED": 5, "RESERVED": 15, "REJECTED": 5, "CANCELLED": 0}
     statuses = many.statuses()
     assert len(statuses) == 25 and statuses["o00"] == "PLACED" and statuses["o01"] == "REJECTED"
@@ -440,26 +446,27 @@ def test_counts_and_statuses(many: TrackerStore) -> None:
 
 def test_readonly_store_reads_but_never_writes(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "tracker.db"
-    reader = TrackerStore(path, readonly=True)  # before the tracker created the file
+    reader = SqliteOrderQueries(path)  # before the tracker created the file
     with pytest.raises(StoreError):
         reader.ping()
     assert not path.exists()
 
-    with TrackerStore(path) as writer:
+    with SqliteTrackerStore(path) as writer:
         service_for(writer).handle([placed(order("o1")), reserved("o1")])
         reader.ping()  # connects now that the file exists
         assert reader.statuses() == {"o1": "RESERVED"}
         service_for(writer).handle([released("o1"), cancelled("o1")])
         view = reader.get_order("o1")
         assert view is not None and view.status == "CANCELLED"  # sees later commits
-        with pytest.raises(StoreError), reader.transaction():
+        assert not hasattr(reader, "transaction")  # OrderQueries never write
+        with pytest.raises(StoreError, match="read-only"), reader._db.transaction():
             pass
         with pytest.raises(sqlite3.OperationalError, match="readonly"):
-            reader._connection().execute("DELETE FROM orders")
+            reader._db.connection().execute("DELETE FROM orders")
     reader.close()
 
 
-def test_writes_outside_a_transaction_are_refused(store: TrackerStore) -> None:
+def test_writes_outside_a_transaction_are_refused(store: Store) -> None:
     with pytest.raises(StoreError):
         store.delete_pending(["o1"])
 
@@ -483,7 +490,7 @@ def test_any_arrival_order_and_batching_ends_cancelled(arrival: list[str], cuts:
     }
     records = [makers[name]() for name in arrival]
     bounds = [0, *sorted(set(cuts)), len(records)]
-    with tempfile.TemporaryDirectory() as tmp, TrackerStore(Path(tmp) / "t.db") as store:
+    with tempfile.TemporaryDirectory() as tmp, SqliteTrackerStore(Path(tmp) / "t.db") as store:
         service = service_for(store)
         for start, end in itertools.pairwise(bounds):
             service.handle(records[start:end])

@@ -24,8 +24,6 @@ from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 import msgspec
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -38,20 +36,19 @@ from ordermesh import schema
 from ordermesh.api.bodies import REQUEST_FIELDS, CancelAccepted, CancelRequest, OrderAccepted
 from ordermesh.api.delivery import AsyncProducer
 from ordermesh.api.health import HealthChecks
-from ordermesh.api.idempotency import (
-    IdempotencyStore,
-    client_for_api_key,
-    order_id_for_key,
-    valid_key,
-)
+from ordermesh.api.idempotency import client_for_api_key, order_id_for_key, valid_key
 from ordermesh.api.metrics import ApiMetrics, MetricsMiddleware
 from ordermesh.api.openapi import MAX_WAIT_S, build_openapi
 from ordermesh.api.problems import HTTPProblem, kind_for, problem_response
 from ordermesh.api.tracking import OrderReader, decided
 from ordermesh.config import Settings
 from ordermesh.errors import DecodeError, DeliveryError, StoreError
+from ordermesh.kafka.admin import Admin
 from ordermesh.kafka.client import make_admin
-from ordermesh.stores.tracker import MAX_PAGE, ORDER_STATUSES, TrackerStore
+from ordermesh.kafka.producer import ProducerClient
+from ordermesh.stores.factory import open_idempotency_store, open_order_queries
+from ordermesh.stores.idempotency import IdempotencyStore
+from ordermesh.stores.tracker import MAX_PAGE, ORDER_STATUSES
 from ordermesh.topics import COMMANDS, ORDERS
 
 log = logging.getLogger(__name__)
@@ -161,7 +158,7 @@ class OrdersApi:
     """Endpoints of one app; its resources open in ``start`` and close in ``stop``."""
 
     def __init__(
-        self, settings: Settings, metrics: ApiMetrics, producer: Producer | None = None
+        self, settings: Settings, metrics: ApiMetrics, producer: ProducerClient | None = None
     ) -> None:
         self.settings = settings
         self._kafka_producer = producer
@@ -176,16 +173,16 @@ class OrdersApi:
         self._reader: OrderReader | None = None
         self._keys: IdempotencyStore | None = None
         self._health: HealthChecks | None = None
-        self._admin: AdminClient | None = None
+        self._admin: Admin | None = None
         self._failures = 0
 
     # --- lifespan ----------------------------------------------------------------------
 
     async def start(self) -> None:
         settings = self.settings
-        self._keys = IdempotencyStore(settings.api_db_path())
+        self._keys = open_idempotency_store(settings)
         # read-only and lazy: the API may start before the tracker created its DB
-        self._reader = OrderReader(TrackerStore(settings.tracker_db_path(), readonly=True))
+        self._reader = OrderReader(open_order_queries(settings))
         self._producer = AsyncProducer(settings, producer=self._kafka_producer)
         self._producer.start()
         self._admin = make_admin(settings)
@@ -479,7 +476,7 @@ async def _server_error(_request: Request, exc: Exception) -> Response:
     return problem_response(500, "internal-error", "internal error")
 
 
-def create_app(settings: Settings, *, producer: Producer | None = None) -> Starlette:
+def create_app(settings: Settings, *, producer: ProducerClient | None = None) -> Starlette:
     """The ASGI app; Kafka clients and databases open when it starts (lifespan).
 
     ``producer`` replaces the idempotent producer built from ``settings`` (unit tests

@@ -14,11 +14,9 @@ import logging
 import threading
 from typing import Any, Final
 
-from confluent_kafka import KafkaException, Producer
-
 from ordermesh.config import Settings
 from ordermesh.errors import DeliveryError
-from ordermesh.kafka.client import make_producer
+from ordermesh.kafka.producer import Producer, ProducerClient
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +41,13 @@ def _settle(future: asyncio.Future[None], err: Any) -> None:
 class AsyncProducer:
     """An idempotent producer whose ``produce`` coroutine returns once Kafka acked."""
 
-    def __init__(self, settings: Settings, *, producer: Producer | None = None) -> None:
-        self._producer = producer or make_producer(
-            settings,
-            **{"linger.ms": LINGER_MS, "message.timeout.ms": DELIVERY_TIMEOUT_MS},
+    def __init__(self, settings: Settings, *, producer: ProducerClient | None = None) -> None:
+        self._producer = (
+            Producer(producer)
+            if producer is not None
+            else Producer.create(
+                settings, **{"linger.ms": LINGER_MS, "message.timeout.ms": DELIVERY_TIMEOUT_MS}
+            )
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="api-producer-poll", daemon=True)
@@ -73,12 +74,9 @@ class AsyncProducer:
         def on_delivery(err: Any, _msg: Any) -> None:
             loop.call_soon_threadsafe(_settle, future, err)
 
-        try:
-            self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-        except BufferError as exc:
-            raise DeliveryError(f"producer queue full: {exc}") from exc
-        except KafkaException as exc:
-            raise DeliveryError(f"produce to {topic} failed: {exc}") from exc
+        # a full local queue fails the request at once: waiting for room would block
+        # the event loop
+        self._producer.produce_now(topic, value, key, on_delivery)
         try:
             # librdkafka fails the record after DELIVERY_TIMEOUT_MS; this is a backstop
             await asyncio.wait_for(future, DELIVERY_TIMEOUT_MS / 1000 + 5)

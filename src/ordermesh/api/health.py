@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from confluent_kafka.admin import AdminClient
-
 from ordermesh.config import Settings
+from ordermesh.kafka.admin import Admin, cluster_view
 from ordermesh.kafka.lag import PartitionLag, group_lag
-from ordermesh.topics import COMMANDS, EVENTS, ORDERS
+from ordermesh.topics import COMMANDS, ORDERS
+from ordermesh.topology import group_topics
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,9 @@ class KafkaState:
     missing_topics: list[str]
 
 
-# the groups whose lag the health check reports, with the topics each consumes
-LAG_GROUPS: Final[dict[str, tuple[str, ...]]] = {
-    "inventory": (ORDERS, COMMANDS),
-    "tracker": (ORDERS, EVENTS),
-}
+# the groups whose lag the health check reports (the stateful ones: their lag is the
+# pipeline's backlog), with the topics each consumes
+LAG_GROUPS: Final[dict[str, tuple[str, ...]]] = group_topics(stateful_only=True)
 
 GroupLags = dict[str, PartitionLag]
 
@@ -100,17 +98,17 @@ GroupLags = dict[str, PartitionLag]
 class HealthChecks:
     """The cached Kafka checks of one app."""
 
-    def __init__(self, settings: Settings, admin: AdminClient) -> None:
+    def __init__(self, settings: Settings, admin: Admin) -> None:
         self.settings = settings
         self._admin = admin
         self.kafka: CachedCheck[KafkaState] = CachedCheck("kafka", self._kafka, METADATA_TTL_S)
         self.lag: CachedCheck[GroupLags] = CachedCheck("lag", self._lag, LAG_TTL_S)
 
     def _kafka(self) -> KafkaState:
-        md = self._admin.list_topics(timeout=METADATA_TIMEOUT_S)
+        view = cluster_view(self._admin, METADATA_TIMEOUT_S)
         wanted = [self.settings.topic(ORDERS), self.settings.topic(COMMANDS)]
-        missing = [t for t in wanted if t not in md.topics or md.topics[t].error is not None]
-        return KafkaState(brokers=len(md.brokers), missing_topics=missing)
+        missing = [t for t in wanted if t not in view.topics]
+        return KafkaState(brokers=view.brokers, missing_topics=missing)
 
     def _lag(self) -> GroupLags:
         kafka = self.kafka.snapshot

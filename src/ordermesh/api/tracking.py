@@ -9,9 +9,13 @@ pool (the hop costs more than the query); ``GET /orders/{id}`` under ``wrk -c32`
 (A WAL reader does not wait for the writer; what could stall it is SQLite's busy timeout
 in a rare WAL recovery.)
 
-Waiters for a decision share one poller: every ``POLL_INTERVAL_S`` it reads all watched
-orders in one go, so a thousand long-polling clients cost one loop of lookups per tick,
-not a thousand timers. At most ``MAX_WAITERS`` requests wait at once (each holds a
+Waiters for a decision share one poller. Over SQLite it wakes every ``POLL_INTERVAL_S``
+and reads all watched orders in one go, so a thousand long-polling clients cost one loop
+of lookups per tick, not a thousand timers. Over a store that announces decisions (a
+``DecisionFeed``: PostgreSQL's ``LISTEN/NOTIFY``, see ``stores/postgres_tracker.py``) it
+sleeps until the tracker commits decisions, then reads only the announced orders that
+someone waits for; every ``FEED_RECHECK_S`` it reads all of them anyway, a bound on what
+a lost notification could cost. At most ``MAX_WAITERS`` requests wait at once (each holds a
 connection and a future); one more is answered 503 with Retry-After rather than letting
 a flood of long polls grow memory and poll work without bound.
 """
@@ -19,20 +23,22 @@ a flood of long polls grow memory and poll work without bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 from ordermesh.api.problems import HTTPProblem
 from ordermesh.errors import StoreError
-from ordermesh.stores.tracker import OrderPage, OrderStatus, OrderView, TrackerStore
+from ordermesh.stores.tracker import OrderPage, OrderQueries, OrderStatus, OrderView
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S: Final = 0.025
+FEED_RECHECK_S: Final = 2.0
 READ_THREADS: Final = 2
 # a poll of up to this many orders runs inline (~32 us each), more go to the pool
 INLINE_POLL_MAX: Final = 32
@@ -42,6 +48,16 @@ MAX_WAITERS: Final = 1000
 WAITERS_RETRY_AFTER_S: Final = 1
 
 _T = TypeVar("_T")
+
+
+@runtime_checkable
+class DecisionFeed(Protocol):
+    """A store that announces decided orders (optional, beside ``OrderQueries``)."""
+
+    def subscribe(self, wake: Callable[[list[str] | None], None]) -> Callable[[], None]:
+        """Call ``wake(order_ids)`` from any thread once they were decided (``None``:
+        maybe any order); returns the function that stops it."""
+        ...
 
 
 def decided(view: OrderView | None) -> bool:
@@ -54,7 +70,7 @@ class OrderReader:
 
     def __init__(
         self,
-        store: TrackerStore,
+        store: OrderQueries,
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
         max_waiters: int = MAX_WAITERS,
@@ -66,6 +82,11 @@ class OrderReader:
         self._waiters: dict[str, list[asyncio.Future[OrderView]]] = {}
         self._waiting = 0  # requests inside wait_decided's wait, over all orders
         self._poller: asyncio.Task[None] | None = None
+        self._feed = store if isinstance(store, DecisionFeed) else None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._wakeup = asyncio.Event()
+        self._woken: set[str] = set()
+        self._wake_all = False
 
     async def _run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
@@ -117,6 +138,7 @@ class OrderReader:
         self._waiters.setdefault(order_id, []).append(future)
         self._waiting += 1
         if self._poller is None or self._poller.done():
+            self._listen()
             self._poller = asyncio.create_task(self._poll(), name="tracker-poller")
         try:
             return await asyncio.wait_for(future, timeout_s)
@@ -140,14 +162,54 @@ class OrderReader:
         """How many requests are waiting for a decision, over all orders."""
         return self._waiting
 
+    def _listen(self) -> None:
+        """Subscribe to the store's decisions (once), waking the poller on this loop."""
+        if self._feed is None or self._unsubscribe is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def wake(order_ids: list[str] | None) -> None:  # the store's listener thread
+            # a closed loop (RuntimeError) has nobody waiting any more
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._woke, order_ids)
+
+        self._unsubscribe = self._feed.subscribe(wake)
+
+    def _woke(self, order_ids: list[str] | None) -> None:
+        if order_ids is None:
+            self._wake_all = True
+        else:
+            self._woken.update(oid for oid in order_ids if oid in self._waiters)
+        if self._wake_all or self._woken:
+            self._wakeup.set()
+
+    async def _next_watch(self) -> list[str]:
+        """The orders to read next: after a tick (polling), or those announced (feed)."""
+        if self._feed is None:
+            await asyncio.sleep(self.poll_interval_s)
+            return list(self._waiters)
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), FEED_RECHECK_S)
+        except TimeoutError:
+            self._wake_all = True
+        self._wakeup.clear()
+        if self._wake_all:
+            order_ids = list(self._waiters)
+        else:
+            order_ids = [oid for oid in self._woken if oid in self._waiters]
+        self._wake_all = False
+        self._woken.clear()
+        return order_ids
+
     def _lookup(self, order_ids: list[str]) -> list[OrderView | None]:
         return [self.store.get_order(order_id) for order_id in order_ids]
 
     async def _poll(self) -> None:
         errors = 0
         while self._waiters:
-            await asyncio.sleep(self.poll_interval_s)
-            order_ids = list(self._waiters)
+            order_ids = await self._next_watch()
+            if not order_ids:
+                continue
             started = time.monotonic()
             try:
                 if len(order_ids) <= INLINE_POLL_MAX:
@@ -172,6 +234,9 @@ class OrderReader:
                 log.warning("tracker poll of %d orders took %.2f s", len(order_ids), spent)
 
     def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._poller is not None:
             self._poller.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ordermesh.broker.jars import ensure_jars
+from ordermesh.config import Settings
 from ordermesh.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,13 @@ class LocalCluster:
         self.heap_mb = heap_mb
         # Popen objects of the nodes this object started: kept so they are reaped, not leaked
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, root: Path | None = None) -> LocalCluster:
+        """The local cluster of ``settings`` (rooted at ``root``, default its broker dir),
+        its jars fetched with Maven first if they are not cached yet."""
+        jar_dir = ensure_jars(settings.kafka_jar_dir(), settings.kafka_version)
+        return cls(root or settings.broker_dir(), jar_dir, heap_mb=settings.broker_heap_mb)
 
     # --- state -----------------------------------------------------------------------
 

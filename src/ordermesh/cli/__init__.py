@@ -9,11 +9,17 @@ from ordermesh.cli import (  # noqa: F401 - registers commands
     bench,
     broker,
     chaos,
+    db,
     dlq,
     inventory,
     mesh,
     tracker,
 )
 from ordermesh.cli.common import app, run
+from ordermesh.cli.services import register_service_commands
+from ordermesh.topology import SERVICES
+
+# consumer services of the topology without a command of their own get a generic one
+register_service_commands(app, SERVICES)
 
 __all__ = ["app", "run"]

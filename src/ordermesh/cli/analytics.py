@@ -38,7 +38,7 @@ def analytics_run(
 
     GET / (dashboard), /snapshot (JSON), /groups (consumer groups and lag), /metrics.
     """
-    from ordermesh.kafka.analytics import run_analytics
+    from ordermesh.apps.analytics import run_analytics
 
     settings = make_settings(
         data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config

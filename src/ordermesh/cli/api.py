@@ -68,7 +68,7 @@ def api_bench_cmd(
     skus: Annotated[int, typer.Option(min=1, help="Order SKU-00001..SKU-N.")] = 1000,
 ) -> None:
     """POST /orders throughput, then POST -> RESERVED latency through GET ?wait=."""
-    from ordermesh.bench_api import bench_api, bench_latency
+    from ordermesh.bench.api import bench_api, bench_latency
 
     settings = make_settings()
     try:

@@ -160,8 +160,8 @@ def topics_ensure(
     as_json: AsJson = False,
 ) -> None:
     """Create the OrderMesh topics if missing; report any with another shape."""
+    from ordermesh.kafka.admin import ensure_topics
     from ordermesh.kafka.client import kafka_errors, make_admin
-    from ordermesh.topics import ensure_topics
 
     settings = make_settings(
         data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config

@@ -80,12 +80,11 @@ def fail(exc: OrderMeshError) -> typer.Exit:
 
 
 def local_cluster(settings: Settings) -> Any:
-    from ordermesh.broker.jars import ensure_jars
+    """``LocalCluster.from_settings`` with a spinner while the jars may be fetched."""
     from ordermesh.broker.local import LocalCluster
 
     with status_line(f"fetching the Kafka {settings.kafka_version} jars with Maven (once)"):
-        jar_dir = ensure_jars(settings.kafka_jar_dir(), settings.kafka_version)
-    return LocalCluster(settings.broker_dir(), jar_dir, heap_mb=settings.broker_heap_mb)
+        return LocalCluster.from_settings(settings)
 
 
 class _NoStatus:

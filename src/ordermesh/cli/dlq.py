@@ -54,7 +54,7 @@ def dlq_run(
     ] = None,
 ) -> None:
     """Run the DLQ logger: one alert line per dead-lettered record, counts by reason."""
-    from ordermesh.kafka.apps import run_dlq_logger
+    from ordermesh.apps.dlq_logger import run_dlq_logger
 
     settings = make_settings(
         data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
@@ -107,7 +107,7 @@ def dlq_list(
     command_config: CommandConfig = None,
 ) -> None:
     """List DLQ entries, newest last: position, reason, source, order, replays, message."""
-    from ordermesh.kafka.dlq import list_entries
+    from ordermesh.dlq import list_entries
 
     settings = make_settings(
         data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
@@ -175,7 +175,7 @@ def dlq_replay(
     command_config: CommandConfig = None,
 ) -> None:
     """Send DLQ entries back to their source topic (reasons and offsets must both match)."""
-    from ordermesh.kafka.dlq import replay
+    from ordermesh.dlq import replay
     from ordermesh.services.dlq import parse_offset
 
     if not reason and not offset:

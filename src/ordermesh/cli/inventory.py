@@ -6,7 +6,7 @@ import json
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -29,6 +29,9 @@ from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
 from ordermesh.loadgen import DEFAULT_SKUS, DEFAULT_STOCK, sku_name
 
+if TYPE_CHECKING:
+    from ordermesh.stores.inventory import InventoryStore
+
 # --- inventory -------------------------------------------------------------------------
 
 inventory_app = typer.Typer(no_args_is_help=True, help="The inventory service and its stock.")
@@ -45,10 +48,10 @@ DbPath = Annotated[
 ]
 
 
-def _inventory_store(settings: Settings) -> Any:
-    from ordermesh.stores.inventory import InventoryStore
+def _inventory_store(settings: Settings) -> InventoryStore:
+    from ordermesh.stores.factory import open_inventory_store
 
-    return InventoryStore(settings.inventory_db_path())
+    return open_inventory_store(settings)
 
 
 @inventory_app.command("run")
@@ -62,7 +65,7 @@ def inventory_run(
     ] = None,
 ) -> None:
     """Run the inventory service: reserve stock for orders, emit outcomes, DLQ bad input."""
-    from ordermesh.kafka.apps import run_inventory
+    from ordermesh.apps.inventory import run_inventory
 
     settings = make_settings(
         inventory_db=db,

@@ -26,6 +26,7 @@ from ordermesh.cli.common import (
     app,
     console,
     err_console,
+    fail,
     make_settings,
     print_verify,
     status_line,
@@ -190,8 +191,26 @@ def up(
         typer.Option(help="Stop the load after S seconds, drain and verify (default: Ctrl-C)."),
     ] = None,
     instances: Annotated[
-        str | None, typer.Option(help="Instances per scalable service, e.g. inventory=2,tracker=1.")
+        str | None,
+        typer.Option(
+            help="Instances per scalable service, e.g. inventory=3,tracker=2,api=2; more than"
+            " one needs --db postgres. With PostgreSQL each instance has a data dir of its own."
+        ),
     ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            metavar="sqlite|postgres",
+            help="Where the services keep their state: SQLite files in the data dir, or"
+            " PostgreSQL (ORDERMESH_DATABASE_URL if set, else a local server started and"
+            " stopped with the mesh). Default: postgres when ORDERMESH_DATABASE_URL names"
+            " one, else sqlite.",
+        ),
+    ] = None,
+    nodes: Annotated[
+        int, typer.Option("--nodes", help="Kafka nodes of the local cluster: 1 or 3.")
+    ] = 1,
     malformed_ratio: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of malformed messages in the load.")
     ] = 0.01,
@@ -209,32 +228,49 @@ def up(
     bootstrap_server: BootstrapServer = None,
     command_config: CommandConfig = None,
     keep_broker: Annotated[bool, typer.Option(help="Leave the local broker running.")] = False,
+    keep_db: Annotated[
+        bool, typer.Option(help="Leave the local PostgreSQL running (--db postgres).")
+    ] = False,
 ) -> None:
-    """Run the whole mesh: broker, topics, stock, every service, a load, live numbers."""
-    from ordermesh.mesh import Mesh, MeshPlan, parse_instances
+    """Run the whole mesh: broker, database, topics, stock, every service, a load, live
+    numbers."""
+    from ordermesh.mesh import Mesh, MeshPlan, check_plan, parse_instances
+    from ordermesh.stores.factory import backend
     from ordermesh.verify import verify
 
     settings = make_settings(
         data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
     )
-    plan = MeshPlan(
-        instances=parse_instances(instances),
-        skus=skus,
-        stock=stock,
-        api_port=api_port,
-        analytics_port=dashboard_port,
-    )
+    if db not in (None, "sqlite", "postgres"):
+        raise typer.BadParameter(f"--db must be sqlite or postgres, not {db!r}")
+    try:
+        plan = MeshPlan(
+            instances=parse_instances(instances),
+            skus=skus,
+            stock=stock,
+            api_port=api_port,
+            analytics_port=dashboard_port,
+            db="postgres" if (db or backend(settings)) == "postgres" else "sqlite",
+            nodes=nodes,
+        )
+        check_plan(plan, settings)
+    except OrderMeshError as exc:
+        raise fail(exc) from None
     mesh = Mesh(settings, plan)
     _stop_on_signals()
     report = None
     try:
         try:
-            with status_line("starting Kafka, topics and services"):
+            with status_line("starting Kafka, the database, topics and services"):
                 mesh.start()
             console.print(
-                f"dashboard: [link]{mesh.dashboard_url}[/link]   API: {mesh.api_url}   "
-                f"logs: {escape(str(mesh.supervisor.log_dir))}"
+                f"dashboard: [link]{mesh.dashboard_url}[/link]   API: {', '.join(mesh.api_urls)}"
+                f"   logs: {escape(str(mesh.supervisor.log_dir))}"
             )
+            if plan.db == "postgres":
+                where = mesh.database.load_state() if mesh.database is not None else None
+                shown = where.redacted_url() if where is not None else "ORDERMESH_DATABASE_URL"
+                console.print(f"database: {escape(shown)}")
             if rate > 0:
                 mesh.start_load(rate=rate, duration=duration, malformed_ratio=malformed_ratio)
             deadline = time.monotonic() + duration if duration is not None else None
@@ -255,7 +291,7 @@ def up(
             report = verify(mesh.settings)
     finally:
         # every exit path (an error, Ctrl-C, SIGTERM, SIGHUP) ends what up started
-        mesh.stop(stop_broker=not keep_broker)
+        mesh.stop(stop_broker=not keep_broker, stop_db=not keep_db)
     print_verify(report.as_dict())
     if not report.ok:
         raise typer.Exit(code=EXIT_CHECK_FAILED)

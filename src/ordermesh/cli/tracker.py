@@ -6,7 +6,7 @@ import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -27,6 +27,9 @@ from ordermesh.cli.common import (
 from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
 
+if TYPE_CHECKING:
+    from ordermesh.stores.tracker import OrderQueries
+
 tracker_app = typer.Typer(no_args_is_help=True, help="The order tracker and order status.")
 app.add_typer(tracker_app, name="tracker")
 
@@ -41,8 +44,8 @@ DbPath = Annotated[
 ]
 
 
-def _reader(settings: Settings) -> Any:
-    from ordermesh.stores.tracker import TrackerStore
+def _reader(settings: Settings) -> OrderQueries:
+    from ordermesh.stores.factory import open_order_queries
 
     path = settings.tracker_db_path()
     if not path.exists():
@@ -50,7 +53,7 @@ def _reader(settings: Settings) -> Any:
             f"no tracker database at {escape(str(path))} (is `ordermesh tracker run` up?)"
         )
         raise typer.Exit(code=EXIT_ERROR)
-    return TrackerStore(path, readonly=True)
+    return open_order_queries(settings)
 
 
 def _when(ts: float | None) -> str:
@@ -70,7 +73,7 @@ def tracker_run(
     ] = None,
 ) -> None:
     """Run the order tracker: follow orders and their events to a queryable status."""
-    from ordermesh.kafka.apps import run_tracker
+    from ordermesh.apps.tracker import run_tracker
 
     settings = make_settings(
         tracker_db=db,

@@ -148,5 +148,13 @@ def make_consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
     return Consumer(consumer_config(settings, group, **overrides))
 
 
+def make_plain_producer(settings: Settings, **overrides: Any) -> Producer:
+    """A producer with the client defaults only (no idempotence, no batching tuned): how
+    a foreign client writes, for tools that imitate one."""
+    conf = common_config(settings)
+    conf.update(overrides)
+    return Producer(conf)
+
+
 def make_admin(settings: Settings) -> AdminClient:
     return AdminClient(common_config(settings))

@@ -20,6 +20,9 @@ No input stops a partition for good, and none crashes the process:
 
 A stop (SIGTERM) waits at most ``STOP_DEADLINE_S`` for outstanding acknowledgements, then
 exits without committing what was not acknowledged: the next run redoes it.
+
+Which offsets may be committed when is decided in ``commits.py``; producing (with the
+back-off on a full local queue) goes through ``producer.Producer``.
 """
 
 from __future__ import annotations
@@ -29,18 +32,20 @@ import os
 import signal
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from ordermesh.config import Settings
-from ordermesh.errors import ConfigError, DeliveryError
-from ordermesh.kafka.client import make_admin, make_consumer, make_producer
+from ordermesh.errors import AckDeadlineError, CommitError, ConfigError, DeliveryError
+from ordermesh.kafka.assignment import Assignment, EveryPartition, Positions
+from ordermesh.kafka.client import make_consumer
+from ordermesh.kafka.commits import CommitQueue, InFlightBatch, commit
 from ordermesh.kafka.metrics import RunnerMetrics, sample_lag
+from ordermesh.kafka.producer import Delivery, Producer, ProducerClient, is_permanent
 from ordermesh.records import (
     ERROR_HEADER_PREFIX,
     HEADER_DECODE_ERROR,
@@ -61,42 +66,16 @@ LAG_SAMPLE_EVERY_S = 2.0
 SUMMARY_EVERY_S = 10.0
 # how long a stop may wait for acknowledgements before it gives up on them
 STOP_DEADLINE_S = 12.0
+# a failed commit is tried again this often while no new batch would commit
+RECOMMIT_EVERY_S = 2.0
+# after losing every partition (fenced) with none back this long, join with a new consumer
+REJOIN_AFTER_S = 20.0
 RETRY_BACKOFF_S = (0.5, 30.0)  # first and longest pause between retries of a batch
-# the broker's default message.max.bytes, used when no topic limit can be read
-DEFAULT_MESSAGE_MAX_BYTES = 1_048_588
-
-# Produce errors no retry can cure: the record is dead-lettered instead. librdkafka
-# reports every delivery error with retriable() False (it already retried the retriable
-# ones for message.timeout.ms), so the split is this explicit set; anything else is retried.
-PERMANENT_ERRORS: Final = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,  # also librdkafka's local size check
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_MSG_SIZE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_TIMESTAMP,
-        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
-        KafkaError.POLICY_VIOLATION,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-        KafkaError.TOPIC_EXCEPTION,  # invalid topic name
-        # reported only after librdkafka's own metadata refreshes gave up on the topic
-        KafkaError.UNKNOWN_TOPIC_OR_PART,
-        KafkaError._UNKNOWN_TOPIC,
-        KafkaError._UNKNOWN_PARTITION,
-        KafkaError._INVALID_ARG,
-    }
-)
 
 FaultPoint = Literal["after-handle", "after-produce"]
 FAULT_POINTS: Final[tuple[FaultPoint, ...]] = ("after-handle", "after-produce")
 FAULT_ENV: Final = "ORDERMESH_FAULT"
 FAULT_AFTER_ENV: Final = "ORDERMESH_FAULT_AFTER"
-
-
-def is_permanent(err: KafkaError) -> bool:
-    """Whether a produce error is one a retry cannot cure."""
-    return err.code() in PERMANENT_ERRORS
 
 
 class BatchHandler(Protocol):
@@ -126,52 +105,6 @@ class RunnerStats:
     assigned: set[tuple[str, int]] = field(default_factory=set)
     # (topic, partition) -> offset of the record that blocks it
     blocked: dict[tuple[str, int], int] = field(default_factory=dict)
-
-
-class _Delivery:
-    """Collects delivery reports of one batch."""
-
-    __slots__ = ("failed", "pending")
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.failed: list[tuple[OutRecord, KafkaError]] = []
-
-    def callback(self, record: OutRecord) -> Callable[[Any, Any], None]:
-        def on_delivery(err: Any, _msg: Any) -> None:
-            self.pending -= 1
-            if err is not None:
-                self.failed.append((record, err))
-
-        return on_delivery
-
-
-class _Batch:
-    """A handled batch whose outputs are not all acknowledged yet."""
-
-    __slots__ = ("attempts", "delivery", "offsets", "records")
-
-    def __init__(
-        self, records: list[InRecord], offsets: list[TopicPartition], delivery: _Delivery
-    ) -> None:
-        self.records = records  # only read to find the input of a refused output
-        self.offsets = offsets
-        self.delivery = delivery
-        self.attempts = 1
-
-
-class _StopDeadline(Exception):
-    """The stop deadline passed with acknowledgements outstanding."""
-
-
-def _next_offsets(records: list[InRecord]) -> list[TopicPartition]:
-    """The offsets to commit after ``records``: last offset + 1 per partition."""
-    highest: dict[tuple[str, int], int] = {}
-    for rec in records:
-        key = (rec.topic, rec.partition)
-        if rec.offset >= highest.get(key, -1):
-            highest[key] = rec.offset
-    return [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
 
 
 def to_in_record(msg: Any) -> InRecord:
@@ -215,37 +148,6 @@ def read_record(msg: Any) -> InRecord:
         return undecodable_record(msg, exc)
 
 
-def message_limit(settings: Settings, topics: Sequence[str], timeout_s: float = 5.0) -> int:
-    """The smallest ``max.message.bytes`` of ``topics``; else the broker's
-    ``message.max.bytes``; else the broker default."""
-    admin = make_admin(settings)
-    limits: list[int] = []
-    try:
-        futures = admin.describe_configs(
-            [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics],
-            request_timeout=timeout_s,
-        )
-        for resource, future in futures.items():
-            try:
-                entry = future.result(timeout=timeout_s).get("max.message.bytes")
-                if entry is not None and entry.value is not None:
-                    limits.append(int(entry.value))
-            except (KafkaException, ValueError, TimeoutError) as exc:
-                log.warning("max.message.bytes of %s not readable: %s", resource.name, exc)
-        if limits:
-            return min(limits)
-        brokers = admin.list_topics(timeout=timeout_s).brokers
-        if brokers:
-            resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
-            configs = admin.describe_configs([resource], request_timeout=timeout_s)
-            entry = configs[resource].result(timeout=timeout_s).get("message.max.bytes")
-            if entry is not None and entry.value is not None:
-                return int(entry.value)
-    except (KafkaException, ValueError, TimeoutError) as exc:
-        log.warning("message size limits not readable (%s); assuming the default", exc)
-    return DEFAULT_MESSAGE_MAX_BYTES
-
-
 def _fault_from_env() -> tuple[FaultPoint | None, int]:
     """The crash-test fault hook: ``ORDERMESH_FAULT`` point and after how many batches."""
     point = os.environ.get(FAULT_ENV)
@@ -272,12 +174,19 @@ class BatchRunner:
         handler: BatchHandler,
         name: str,
         consumer: Consumer | None = None,
-        producer: Producer | None = None,
+        producer: Producer | ProducerClient | None = None,
         pipelined: bool = True,
         outputs: Sequence[str] | None = None,
+        assignment: Assignment = "group",
+        positions: Positions | None = None,
     ) -> None:
         """``outputs``: the topics the handler produces to (default: every mesh topic);
-        the producer refuses locally what the smallest of their size limits would refuse."""
+        the producer refuses locally what the smallest of their size limits would refuse.
+
+        ``assignment``: ``group`` joins consumer group ``group``; ``every-partition``
+        reads every partition of ``topics`` without joining, each from where
+        ``positions`` says (default: the beginning), and commits under ``group``.
+        """
         self.settings = settings
         self.topics = list(topics)
         self.handler = handler
@@ -285,24 +194,35 @@ class BatchRunner:
         self.max_batch = settings.batch_max
         self.timeout = settings.batch_timeout_s
         self._dlq_topic = settings.topic(DLQ)
-        self.consumer = consumer or make_consumer(settings, group, on_commit=self._on_commit)
+        self._group = group
+        # only a consumer of our own making can be replaced to rejoin the group
+        self._can_rejoin = consumer is None and assignment == "group"
+        client = consumer or make_consumer(settings, group, on_commit=self._on_commit)
+        self.consumer: Consumer | EveryPartition = (
+            EveryPartition(client, positions) if assignment == "every-partition" else client
+        )
         if producer is None:
             targets = outputs if outputs is not None else [settings.topic(s.name) for s in SPECS]
-            limit = message_limit(settings, targets)
-            producer = make_producer(
-                settings,
-                **{"message.max.bytes": limit, "batch.size": min(limit, 1_000_000)},
-            )
+            producer = Producer.for_topics(settings, targets)
+        elif not isinstance(producer, Producer):
+            producer = Producer(producer)
         self.producer = producer
         self.stats = RunnerStats()
         self._stop = threading.Event()
         self._deadline: float | None = None
         self.pipelined = pipelined
-        self._in_flight: deque[_Batch] = deque()
+        self.commits = CommitQueue(self.stats.blocked)
         self._blocked = self.stats.blocked
         self.metrics = RunnerMetrics(name, settings.group(group))
         # read once: the hook costs one `is None` test per batch when unset
         self._fault, self._fault_after = _fault_from_env()
+        # the last offsets asked to be committed, and whether a commit of them failed:
+        # while idle, no new batch would ever commit them again
+        self._commit_target: dict[tuple[str, int], int] = {}
+        self._commit_failed = False
+        self._last_recommit = 0.0
+        # when every partition was lost (fenced) and none came back since
+        self._lost_all_at: float | None = None
 
     # --- control ---------------------------------------------------------------------
 
@@ -323,6 +243,7 @@ class BatchRunner:
         self.stats.rebalances += 1
         self.metrics.rebalances.labels(self.name).inc()
         self.stats.assigned |= {(p.topic, p.partition) for p in partitions}
+        self._lost_all_at = None
         log.info("%s: assigned %s", self.name, _fmt(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -330,12 +251,13 @@ class BatchRunner:
         # the next owner does not redo them
         try:
             self._settle(drain=True)
-        except _StopDeadline:
+        except AckDeadlineError:
             self._give_up()
         self.stats.rebalances += 1
         self.metrics.rebalances.labels(self.name).inc()
         gone = {(p.topic, p.partition) for p in partitions}
         self.stats.assigned -= gone
+        self._forget_commits(gone)
         self._unblock(gone)
         log.info("%s: revoked %s", self.name, _fmt(partitions))
 
@@ -345,24 +267,25 @@ class BatchRunner:
         # be delivered: the new owner's redelivery then yields identical copies, which
         # at-least-once allows). The other partitions' offsets stay and are committed.
         gone = {(p.topic, p.partition) for p in partitions}
-        for batch in self._in_flight:
-            batch.offsets = [tp for tp in batch.offsets if (tp.topic, tp.partition) not in gone]
+        self.commits.drop_partitions(gone)
         self.stats.rebalances += 1
         self.metrics.rebalances.labels(self.name).inc()
         self.stats.assigned -= gone
+        self._forget_commits(gone)
         self._unblock(gone)
+        if not self.stats.assigned:
+            self._lost_all_at = time.monotonic()
         log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
+
+    def _forget_commits(self, gone: set[tuple[str, int]]) -> None:
+        for key in gone:
+            self._commit_target.pop(key, None)
 
     # --- loop ------------------------------------------------------------------------
 
     def run(self, *, idle_exit_s: float | None = None) -> RunnerStats:
         """Process until stopped (signal, ``request_stop``) or idle for ``idle_exit_s``."""
-        self.consumer.subscribe(
-            self.topics,
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self._subscribe()
         log.info("%s: consuming %s", self.name, ", ".join(self.topics))
         if self.settings.metrics_port is not None:
             self.metrics.serve(self.settings.metrics_port, self.settings.metrics_host)
@@ -381,13 +304,18 @@ class BatchRunner:
                     if records or poison:
                         self.process(records, poison)
                         last_data = now
-                elif self._in_flight:
+                elif self.commits.batches:
                     # nothing new: commit what has been acknowledged meanwhile
                     self._settle(wait=True)
                 elif not self.stats.assigned:
                     last_data = now  # idle time counts only while we own partitions
+                    if self._lost_all_at is not None and now - self._lost_all_at > REJOIN_AFTER_S:
+                        self._rejoin()
                 elif idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
+                if self._commit_failed and now - self._last_recommit > RECOMMIT_EVERY_S:
+                    # no later batch may touch the partitions whose commit failed
+                    self._recommit(asynchronous=True)
                 if now - last_lag >= LAG_SAMPLE_EVERY_S:
                     self.metrics.lag = sample_lag(self.consumer, self.stats.assigned)
                     last_lag = now
@@ -404,7 +332,7 @@ class BatchRunner:
                     )
                     summary_in = self.stats.records_in
                     last_summary = now
-        except _StopDeadline:
+        except AckDeadlineError:
             pass  # close() gives up on the rest and says so
         finally:
             self.close()
@@ -451,13 +379,12 @@ class BatchRunner:
         if poison:
             outs = outs + [self._dead_letter_undecodable(rec) for rec in poison]
             records = records + list(poison)
-        delivery = _Delivery()
-        for out in outs:
-            self._produce(out, delivery)
+        delivery = Delivery()
+        self.producer.send_all(outs, delivery)
         self.producer.poll(0)
-        self._in_flight.append(_Batch(records, _next_offsets(records), delivery))
+        self.commits.add(records, delivery)
         if self.pipelined:
-            self._settle(wait=len(self._in_flight) > MAX_IN_FLIGHT)
+            self._settle(wait=len(self.commits.batches) > MAX_IN_FLIGHT)
         else:
             # flush sends at once instead of waiting linger.ms; bounded, as the broker may
             # be down (the drain below keeps waiting, under the stop deadline)
@@ -497,42 +424,34 @@ class BatchRunner:
 
         ``wait``: block until at least the head batch is done; ``drain``: until all are.
         """
-        done: list[_Batch] = []
+        done: list[InFlightBatch] = []
+        queue = self.commits
         self.producer.poll(0)
-        while self._in_flight:
-            head = self._in_flight[0]
+        while queue.batches:
+            head = queue.head()
             if head.delivery.pending > 0:
                 if not (wait or drain):
                     break
                 if self._deadline is not None and time.monotonic() > self._deadline:
-                    raise _StopDeadline
+                    raise AckDeadlineError(f"{self.name}: acknowledgements still outstanding")
                 self.producer.poll(0.005)
                 continue
             if head.delivery.failed:
                 self._resolve(head)
                 continue
-            done.append(self._in_flight.popleft())
+            done.append(queue.pop_head())
             wait = False
         if done:
             if self._fault is not None:
                 self._fault_point("after-produce")
-            merged: dict[tuple[str, int], int] = {}
-            for batch in done:
-                for tp in batch.offsets:
-                    merged[(tp.topic, tp.partition)] = tp.offset
-            if self._blocked:
-                # nothing at or past a blocking record is committed
-                for key, offset in self._blocked.items():
-                    if key in merged:
-                        merged[key] = min(merged[key], offset)
-            offsets = [TopicPartition(t, p, o) for (t, p), o in merged.items()]
+            offsets = queue.committable(done)
             if offsets:
                 # the last commit before partitions move or the process ends is synchronous
                 self._commit(offsets, asynchronous=not drain)
 
     # --- produce errors --------------------------------------------------------------
 
-    def _resolve(self, batch: _Batch) -> None:
+    def _resolve(self, batch: InFlightBatch) -> None:
         """Deal with the refused records of ``batch``: retry, dead-letter or block."""
         failed = batch.delivery.failed
         batch.delivery.failed = []
@@ -551,7 +470,7 @@ class BatchRunner:
             replacement = self._after_permanent(batch, out, err)
             if replacement is not None:
                 self.metrics.dlq_writes.labels(self.name).inc()
-                self._produce(replacement, batch.delivery)
+                self.producer.send_all((replacement,), batch.delivery)
         if retry:
             batch.attempts += 1
             self.stats.produce_retries += len(retry)
@@ -567,10 +486,11 @@ class BatchRunner:
             )
             # a stop wakes this up; the retry then runs under the stop deadline
             self._stop.wait(pause)
-            for out in retry:
-                self._produce(out, batch.delivery)
+            self.producer.send_all(retry, batch.delivery)
 
-    def _after_permanent(self, batch: _Batch, out: OutRecord, err: KafkaError) -> OutRecord | None:
+    def _after_permanent(
+        self, batch: InFlightBatch, out: OutRecord, err: KafkaError
+    ) -> OutRecord | None:
         """The record to produce instead of ``out``, which Kafka refused for good; None
         when there is none (the partition is then blocked)."""
         why = f"producing to {out.topic} failed: {err.str()}"
@@ -594,7 +514,7 @@ class BatchRunner:
         if where is None:
             # nothing tells which input this was: none of the batch's partitions may move
             for tp in batch.offsets:
-                self._block(tp.topic, tp.partition, _first_offset(batch, tp), why)
+                self._block(tp.topic, tp.partition, batch.first_offset(tp.topic, tp.partition), why)
         else:
             self._block(*where, why)
         return None
@@ -603,10 +523,8 @@ class BatchRunner:
         key = (topic, partition)
         if key not in self.stats.assigned:
             return  # already revoked or lost: the next owner retries it
-        if key in self._blocked:
-            self._blocked[key] = min(self._blocked[key], offset)
+        if not self.commits.block(key, offset):
             return
-        self._blocked[key] = offset
         self.consumer.pause([TopicPartition(topic, partition)])
         self.metrics.partitions_blocked.labels(self.name).set(len(self._blocked))
         log.error(
@@ -621,52 +539,75 @@ class BatchRunner:
 
     def _unblock(self, partitions: set[tuple[str, int]]) -> None:
         # the next owner starts from the committed offset and tries the record again
-        if self._blocked and partitions & self._blocked.keys():
-            for key in partitions:
-                self._blocked.pop(key, None)
+        if self.commits.unblock(partitions):
             self.metrics.partitions_blocked.labels(self.name).set(len(self._blocked))
 
-    def _produce(self, out: OutRecord, delivery: _Delivery) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    out.topic,
-                    out.value,
-                    out.key,
-                    headers=out.headers or None,  # type: ignore[arg-type]
-                    on_delivery=delivery.callback(out),
-                )
-                delivery.pending += 1
-                return
-            except BufferError:
-                # local queue full: serve delivery reports to make room
-                self.producer.poll(0.05)
-            except KafkaException as exc:
-                # refused before sending (too large, unknown topic): as if reported
-                delivery.failed.append((out, exc.args[0]))
-                return
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def _rejoin(self) -> None:
+        """Every partition was lost (fenced after a broker stall) and none came back:
+        leave the group for good and join again with a new consumer."""
+        self._lost_all_at = None
+        if not self._can_rejoin:
+            return
+        log.warning(
+            "%s: no partitions for %.0fs since they were lost; rejoining group %s",
+            self.name,
+            REJOIN_AFTER_S,
+            self._group,
+        )
+        old = self.consumer
+        self.consumer = make_consumer(self.settings, self._group, on_commit=self._on_commit)
+        try:
+            old.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("%s: closing the old consumer: %s", self.name, exc)
+        self._subscribe()
+
+    def _recommit(self, *, asynchronous: bool) -> None:
+        """Commit again the last offsets whose commit failed (of partitions still ours)."""
+        self._last_recommit = time.monotonic()
+        self._commit_failed = False
+        offsets = [
+            TopicPartition(t, p, o)
+            for (t, p), o in self._commit_target.items()
+            if (t, p) in self.stats.assigned
+        ]
+        if offsets:
+            log.info("%s: committing again after a failed commit: %s", self.name, _fmt(offsets))
+            self._commit(offsets, asynchronous=asynchronous)
 
     def _commit(self, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
+        for tp in offsets:
+            self._commit_target[(tp.topic, tp.partition)] = tp.offset
         try:
-            if asynchronous:
-                self.consumer.commit(offsets=offsets, asynchronous=True)
-            else:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
+            commit(self.consumer, offsets, asynchronous=asynchronous)
             self.stats.commits += 1
             self.metrics.commits.labels(self.name).inc()
             self.stats.last_commit_at = time.monotonic()
-        except KafkaException as exc:
+        except CommitError as exc:
             # e.g. the partitions moved during the batch: the new owner gets the batch
             # again and per-order idempotency makes that harmless
             self.stats.commit_failures += 1
             self.metrics.commit_failures.labels(self.name).inc()
-            log.warning("%s: commit failed (%s); batch will be redelivered", self.name, exc)
+            self._commit_failed = True
+            log.warning("%s: commit failed (%s); will commit again", self.name, exc)
 
     def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
+        if err is None:
+            err = next((tp.error for tp in partitions if tp.error is not None), None)
         if err is not None:
             self.stats.commit_failures += 1
             self.metrics.commit_failures.labels(self.name).inc()
-            log.warning("%s: async commit failed (%s); may be redelivered", self.name, err)
+            # the next idle tick (or the stop) commits the latest offsets again
+            self._commit_failed = True
+            log.warning("%s: async commit failed (%s); will commit again", self.name, err)
 
     def _fault_point(self, point: FaultPoint) -> None:
         """Crash-test hook: SIGKILL this process at ``point`` after N batches."""
@@ -679,15 +620,14 @@ class BatchRunner:
 
     def _give_up(self) -> None:
         """After the stop deadline: forget what is not acknowledged, commit nothing of it."""
-        if self._in_flight:
+        if self.commits.batches:
             log.warning(
                 "%s: stop deadline of %.0fs passed with %d batches not acknowledged; "
                 "exiting without committing them (they will be redelivered)",
                 self.name,
                 STOP_DEADLINE_S,
-                len(self._in_flight),
+                self.commits.clear(),
             )
-            self._in_flight.clear()
         self.producer.purge()  # at-least-once: what is unacked is redone by the next run
 
     def close(self) -> None:
@@ -697,8 +637,10 @@ class BatchRunner:
             try:
                 self._settle(drain=True)
                 self.producer.flush(max(0.0, self._deadline - time.monotonic()))
-            except _StopDeadline:
+            except AckDeadlineError:
                 self._give_up()
+            if self._commit_failed:
+                self._recommit(asynchronous=False)
         finally:
             self.consumer.close()
             self.metrics.stop()
@@ -721,7 +663,7 @@ def _same_key(records: list[InRecord], key: bytes | None) -> InRecord | None:
     return None
 
 
-def _origin(out: OutRecord, batch: _Batch) -> tuple[str, int, int] | None:
+def _origin(out: OutRecord, batch: InFlightBatch) -> tuple[str, int, int] | None:
     """topic, partition and offset of the input a DLQ record ``out`` stands for."""
     if out.source is not None:
         return out.source.topic, out.source.partition, out.source.offset
@@ -735,12 +677,6 @@ def _origin(out: OutRecord, batch: _Batch) -> tuple[str, int, int] | None:
             pass
     source = _same_key(batch.records, out.key)
     return None if source is None else (source.topic, source.partition, source.offset)
-
-
-def _first_offset(batch: _Batch, tp: TopicPartition) -> int:
-    return min(
-        r.offset for r in batch.records if (r.topic, r.partition) == (tp.topic, tp.partition)
-    )
 
 
 def _describe(out: OutRecord, failed: list[tuple[OutRecord, KafkaError]]) -> str:

@@ -1,8 +1,10 @@
 """Analytics core: rolling windows, all-time totals and chart series, from the topics.
 
 ``Analytics.handle(batch)`` reads ``orders``, ``order-events`` and ``orders-dlq`` and
-produces nothing; ``snapshot()`` is the JSON-able view the dashboard, ``/metrics`` and
-``ordermesh top`` read. Pure: no Kafka, no I/O, the clock is injected.
+produces nothing; ``snapshot()`` is the view the dashboard, ``/metrics`` and
+``ordermesh top`` read: a ``Snapshot`` of msgspec Structs, served as JSON by
+``msgspec.json.encode`` (field order is the JSON key order). Pure: no Kafka, no I/O, the
+clock is injected.
 
 Choices worth knowing:
 
@@ -41,7 +43,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, get_args
+from typing import Final, TypeVar, get_args
+
+import msgspec
 
 from ordermesh import schema
 from ordermesh.errors import DecodeError
@@ -71,6 +75,8 @@ _LOG_GAMMA: Final = math.log(_GAMMA)
 _MIN_LATENCY: Final = 1e-6
 _MAX_LATENCY: Final = 86_400.0
 ZERO_BIN: Final = -(10**6)
+
+_K = TypeVar("_K")
 
 # bits of the per-order dedupe mask
 _PLACED: Final = 1
@@ -115,9 +121,117 @@ def percentile(hist: dict[int, int], q: float, exact_max: float | None = None) -
     raise AssertionError("unreachable: rank <= total")
 
 
-def _merge(into: dict[Any, int], other: dict[Any, int]) -> None:
+def _merge(into: dict[_K, int], other: dict[_K, int]) -> None:
     for key, count in other.items():
         into[key] = into.get(key, 0) + count
+
+
+# --- the snapshot -----------------------------------------------------------------------
+# The JSON of ``/snapshot``, read by the dashboard (app.js) and the live view of
+# ``ordermesh up``/``top``: renaming or reordering a field changes that JSON.
+
+
+class Latency(msgspec.Struct, frozen=True):
+    """End-to-end latency over a window, in milliseconds; None when nothing was decided."""
+
+    count: int
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+class Window(msgspec.Struct, frozen=True):
+    """Counts and rates over the ``seconds`` complete seconds before ``window_end``."""
+
+    seconds: int
+    placed: int
+    placed_per_s: float
+    malformed: int
+    decided: int
+    decided_per_s: float
+    reserved: int
+    rejected: dict[str, int]  # every reject reason, zeros included
+    rejected_total: int
+    cancelled: int
+    dlq: int
+    dlq_per_s: float
+    dlq_by_reason: dict[str, int]
+    revenue: dict[str, float]  # currency -> amount
+    latency_ms: Latency
+
+
+class Totals(msgspec.Struct, frozen=True):
+    """All-time counts since the topics' beginning."""
+
+    orders_records: int
+    placed: int
+    malformed: int
+    reserved: int
+    rejected: dict[str, int]
+    rejected_total: int
+    decided: int
+    in_flight: int
+    cancelled: int
+    cancel_rejected: int
+    dlq: int
+    dlq_by_reason: dict[str, int]
+    revenue: dict[str, float]
+    duplicate_orders: int
+    duplicate_outcomes: int
+    undecodable_events: int
+    records: dict[str, int]  # records read per input: orders, events, dlq
+
+
+class SkuQuantity(msgspec.Struct, frozen=True):
+    """Units of one SKU reserved."""
+
+    sku: str
+    quantity: int
+
+
+class TopSkus(msgspec.Struct, frozen=True):
+    """The most reserved SKUs, by quantity, ties by name."""
+
+    last_60s: list[SkuQuantity]
+    all_time: list[SkuQuantity]
+
+
+class Series(msgspec.Struct, frozen=True):
+    """Per-second chart series, oldest first, ``SERIES_SECONDS`` long."""
+
+    start: int
+    step_s: int
+    placed: list[int]
+    decided: list[int]
+    dlq: list[int]
+    p50_ms: list[float | None]
+    p99_ms: list[float | None]
+
+
+class RecentDlq(msgspec.Struct, frozen=True):
+    """One of the latest DLQ entries, by record time."""
+
+    at: float
+    reason: str
+    source: str
+    order_id: str | None
+    service: str
+    stage: str
+    message: str
+    dlq: str
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """Everything the dashboard shows, as of ``generated_at``."""
+
+    generated_at: float
+    window_end: int
+    windows: dict[str, Window]  # "1s", "10s", "60s"
+    totals: Totals
+    top_skus: TopSkus
+    series: Series
+    dlq_recent: list[RecentDlq]  # newest first
 
 
 # --- per-second buckets ---------------------------------------------------------------
@@ -201,9 +315,9 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def _top(quantities: dict[str, int], n: int = TOP_SKUS) -> list[dict[str, Any]]:
+def _top(quantities: dict[str, int], n: int = TOP_SKUS) -> list[SkuQuantity]:
     best = heapq.nsmallest(n, quantities.items(), key=lambda kv: (-kv[1], kv[0]))
-    return [{"sku": sku, "quantity": qty} for sku, qty in best]
+    return [SkuQuantity(sku, qty) for sku, qty in best]
 
 
 class Analytics:
@@ -224,7 +338,7 @@ class Analytics:
         self._ring: list[_Bucket | None] = [None] * RING_SECONDS
         self._orders: dict[str, int] = {}  # order_id -> bitmask of what was seen
         self._next: dict[tuple[str, int], int] = {}
-        self._recent: list[tuple[int, int, int, dict[str, Any]]] = []  # min-heap
+        self._recent: list[tuple[int, int, int, RecentDlq]] = []  # min-heap
         self.totals = _Totals()
 
     # --- positions ------------------------------------------------------------------
@@ -357,16 +471,16 @@ class Analytics:
         bucket = self._bucket(rec.timestamp_ms / 1000.0, now_sec)
         if bucket is not None:
             bucket.dlq[why] = bucket.dlq.get(why, 0) + 1
-        item = {
-            "at": rec.timestamp_ms / 1000.0,
-            "reason": why,
-            "source": entry.source(),
-            "order_id": entry.order_id,
-            "service": entry.service,
-            "stage": entry.stage,
-            "message": entry.message[:300],
-            "dlq": entry.where(),
-        }
+        item = RecentDlq(
+            at=rec.timestamp_ms / 1000.0,
+            reason=why,
+            source=entry.source(),
+            order_id=entry.order_id,
+            service=entry.service,
+            stage=entry.stage,
+            message=entry.message[:300],
+            dlq=entry.where(),
+        )
         # keep the newest by record time, whatever order the partitions are read in
         heap_key = (rec.timestamp_ms, rec.partition, rec.offset, item)
         if len(self._recent) < RECENT_DLQ:
@@ -383,7 +497,7 @@ class Analytics:
             if bucket is not None and bucket.sec == sec:
                 yield bucket
 
-    def _window(self, seconds: int, end: int) -> dict[str, Any]:
+    def _window(self, seconds: int, end: int) -> Window:
         placed = malformed = reserved = cancelled = 0
         rejected: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         dlq: dict[str, int] = {}
@@ -404,31 +518,31 @@ class Analytics:
         rejected_total = sum(rejected.values())
         decided = reserved + rejected_total
         dlq_total = sum(dlq.values())
-        return {
-            "seconds": seconds,
-            "placed": placed,
-            "placed_per_s": round(placed / seconds, 3),
-            "malformed": malformed,
-            "decided": decided,
-            "decided_per_s": round(decided / seconds, 3),
-            "reserved": reserved,
-            "rejected": rejected,
-            "rejected_total": rejected_total,
-            "cancelled": cancelled,
-            "dlq": dlq_total,
-            "dlq_per_s": round(dlq_total / seconds, 3),
-            "dlq_by_reason": dict(sorted(dlq.items())),
-            "revenue": _money(revenue),
-            "latency_ms": {
-                "count": sum(lat.values()),
-                "p50": _ms(percentile(lat, 0.50, lat_max)),
-                "p90": _ms(percentile(lat, 0.90, lat_max)),
-                "p99": _ms(percentile(lat, 0.99, lat_max)),
-                "max": _ms(lat_max),
-            },
-        }
+        return Window(
+            seconds=seconds,
+            placed=placed,
+            placed_per_s=round(placed / seconds, 3),
+            malformed=malformed,
+            decided=decided,
+            decided_per_s=round(decided / seconds, 3),
+            reserved=reserved,
+            rejected=rejected,
+            rejected_total=rejected_total,
+            cancelled=cancelled,
+            dlq=dlq_total,
+            dlq_per_s=round(dlq_total / seconds, 3),
+            dlq_by_reason=dict(sorted(dlq.items())),
+            revenue=_money(revenue),
+            latency_ms=Latency(
+                count=sum(lat.values()),
+                p50=_ms(percentile(lat, 0.50, lat_max)),
+                p90=_ms(percentile(lat, 0.90, lat_max)),
+                p99=_ms(percentile(lat, 0.99, lat_max)),
+                max=_ms(lat_max),
+            ),
+        )
 
-    def _series(self, end: int) -> dict[str, Any]:
+    def _series(self, end: int) -> Series:
         start = end - SERIES_SECONDS
         placed: list[int] = []
         decided: list[int] = []
@@ -449,54 +563,54 @@ class Analytics:
             dlq.append(sum(b.dlq.values()))
             p50.append(_ms(percentile(b.lat, 0.50, b.lat_max)))
             p99.append(_ms(percentile(b.lat, 0.99, b.lat_max)))
-        return {
-            "start": start,
-            "step_s": 1,
-            "placed": placed,
-            "decided": decided,
-            "dlq": dlq,
-            "p50_ms": p50,
-            "p99_ms": p99,
-        }
+        return Series(
+            start=start,
+            step_s=1,
+            placed=placed,
+            decided=decided,
+            dlq=dlq,
+            p50_ms=p50,
+            p99_ms=p99,
+        )
 
-    def _totals(self) -> dict[str, Any]:
+    def _totals(self) -> Totals:
         t = self.totals
         rejected_total = sum(t.rejected.values())
         decided = t.reserved + rejected_total
-        return {
-            "orders_records": t.records["orders"],
-            "placed": t.placed,
-            "malformed": t.malformed,
-            "reserved": t.reserved,
-            "rejected": dict(t.rejected),
-            "rejected_total": rejected_total,
-            "decided": decided,
-            "in_flight": t.placed - t.decided_placed,
-            "cancelled": t.cancelled,
-            "cancel_rejected": t.cancel_rejected,
-            "dlq": sum(t.dlq.values()),
-            "dlq_by_reason": dict(sorted(t.dlq.items())),
-            "revenue": _money(t.revenue),
-            "duplicate_orders": t.duplicate_orders,
-            "duplicate_outcomes": t.duplicate_outcomes,
-            "undecodable_events": t.undecodable_events,
-            "records": dict(t.records),
-        }
+        return Totals(
+            orders_records=t.records["orders"],
+            placed=t.placed,
+            malformed=t.malformed,
+            reserved=t.reserved,
+            rejected=dict(t.rejected),
+            rejected_total=rejected_total,
+            decided=decided,
+            in_flight=t.placed - t.decided_placed,
+            cancelled=t.cancelled,
+            cancel_rejected=t.cancel_rejected,
+            dlq=sum(t.dlq.values()),
+            dlq_by_reason=dict(sorted(t.dlq.items())),
+            revenue=_money(t.revenue),
+            duplicate_orders=t.duplicate_orders,
+            duplicate_outcomes=t.duplicate_outcomes,
+            undecodable_events=t.undecodable_events,
+            records=dict(t.records),
+        )
 
-    def snapshot(self) -> dict[str, Any]:
-        """Windows, totals, top SKUs, series and the latest DLQ entries; JSON-able."""
+    def snapshot(self) -> Snapshot:
+        """Windows, totals, top SKUs, series and the latest DLQ entries."""
         now = self._clock()
         end = int(now)  # windows end before the second in progress
         sku_60: dict[str, int] = {}
         for b in self._buckets(end - 60, end - 1):
             _merge(sku_60, b.skus)
         recent = [item for *_key, item in sorted(self._recent, reverse=True)]
-        return {
-            "generated_at": now,
-            "window_end": end,
-            "windows": {f"{w}s": self._window(w, end) for w in WINDOWS},
-            "totals": self._totals(),
-            "top_skus": {"last_60s": _top(sku_60), "all_time": _top(self.totals.skus)},
-            "series": self._series(end),
-            "dlq_recent": recent,
-        }
+        return Snapshot(
+            generated_at=now,
+            window_end=end,
+            windows={f"{w}s": self._window(w, end) for w in WINDOWS},
+            totals=self._totals(),
+            top_skus=TopSkus(last_60s=_top(sku_60), all_time=_top(self.totals.skus)),
+            series=self._series(end),
+            dlq_recent=recent,
+        )

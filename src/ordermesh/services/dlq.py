@@ -2,7 +2,7 @@
 
 Pure: no Kafka inside. ``DlqLogger.handle(batch)`` is the service the DLQ logger runs
 (one alert line per record, counts by reason); ``plan_replay`` decides which DLQ entries
-go back to their source topic and builds the records to produce. ``kafka/dlq.py`` reads
+go back to their source topic and builds the records to produce. ``ordermesh/dlq.py`` reads
 the topic and produces.
 
 Choices worth knowing:

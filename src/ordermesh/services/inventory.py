@@ -8,8 +8,13 @@ changes nothing.
 
 Choices worth knowing:
 
-- The whole batch is one ``BEGIN IMMEDIATE`` transaction; outputs are returned only after
-  COMMIT. Decoding happens before the transaction to keep the write lock short.
+- The whole batch is one store transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: row
+  locks on its stock); outputs are returned only after COMMIT. Decoding happens before
+  the transaction to keep the locks short.
+- A transaction that loses to another instance sharing the database (``StoreConflictError``:
+  a deadlock, or an order or cancel another instance recorded first) was rolled back; the
+  batch is decided again from scratch (fresh ``_Batch``, everything re-read), a few times
+  with a jittered pause, before the error is let through.
 - One decision time (``clock()``) per batch: the batch is decided atomically.
 - "Known" means same order_id *and* same body (``schema.order_fingerprint``, stored
   with the decision). An order_id reused for another body is not a redelivery: it goes to
@@ -29,6 +34,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -36,19 +42,21 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ordermesh import schema
-from ordermesh.errors import DecodeError, StoreError
-from ordermesh.records import ERROR_HEADER_PREFIX, InRecord, OutRecord, dead_letter, header
+from ordermesh.errors import DecodeError, StoreConflictError, StoreError
+from ordermesh.records import InRecord, OutRecord
 from ordermesh.schema import (
     CancelOrder,
     CancelRejected,
     ItemQty,
     OrderCancelled,
+    OrderCommand,
     OrderPlaced,
     OrderRejected,
     OrderReserved,
     RejectReason,
     StockReleased,
 )
+from ordermesh.services.base import StoreService, describe_dead_letter
 from ordermesh.stores.inventory import (
     InventoryStore,
     Items,
@@ -62,6 +70,13 @@ logger = logging.getLogger(__name__)
 
 CANCEL_REJECTED: Final = "CancelRejected"
 DUPLICATE_ORDER_ID: Final = "DuplicateOrderId"
+# A batch that lost to another instance (StoreConflictError) runs again from scratch up to
+# this many times in all, after a jittered pause growing by this much per attempt
+CONFLICT_ATTEMPTS: Final = 8
+CONFLICT_BACKOFF_S: Final = 0.02
+
+# (record, task, fingerprint of the order; b"" for other tasks)
+_Work = tuple[InRecord, OrderPlaced | CancelOrder | OutRecord, bytes]
 
 
 @dataclass
@@ -76,6 +91,7 @@ class InventoryStats:
     dlq: int = 0
     cancelled: int = 0
     cancel_rejected: int = 0
+    conflicts: int = 0  # attempts rolled back and run again
 
     def add(self, other: InventoryStats) -> None:
         self.batches += other.batches
@@ -87,6 +103,7 @@ class InventoryStats:
         self.dlq += other.dlq
         self.cancelled += other.cancelled
         self.cancel_rejected += other.cancel_rejected
+        self.conflicts += other.conflicts
 
 
 class _Order:
@@ -126,7 +143,7 @@ class _Batch:
         self.first_dlq: str | None = None
 
 
-class InventoryService:
+class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand]):
     """Pure inventory logic over an ``InventoryStore``; no Kafka inside."""
 
     def __init__(
@@ -139,17 +156,17 @@ class InventoryService:
         dlq_topic: str,
         service_name: str = "inventory",
         clock: Callable[[], float] = time.time,
-        decode_order: Callable[[bytes | None], OrderPlaced] = schema.decode_order,
     ) -> None:
-        self.store = store
-        # swappable only so the benchmark can run its stdlib-json baseline
-        self._decode_order = decode_order
+        super().__init__(
+            store,
+            decoders={orders_topic: schema.decode_order, commands_topic: schema.decode_command},
+            dlq_topic=dlq_topic,
+            service_name=service_name,
+            clock=clock,
+        )
         self.orders_topic = orders_topic
         self.commands_topic = commands_topic
         self.events_topic = events_topic
-        self.dlq_topic = dlq_topic
-        self.service_name = service_name
-        self._clock = clock
         self.stats = InventoryStats()
 
     def handle(self, batch: Sequence[InRecord]) -> list[OutRecord]:
@@ -161,77 +178,28 @@ class InventoryService:
         if not batch:
             return []
         started = time.perf_counter()
-        # (record, task, fingerprint of the order; b"" for other tasks)
-        work: list[tuple[InRecord, OrderPlaced | CancelOrder | OutRecord, bytes]] = []
+        work: list[_Work] = []
         order_ids: set[str] = set()
         skus: set[str] = set()
         # decode outside the transaction: CPU only, keeps the cross-process lock short
         for record in batch:
-            if record.topic == self.orders_topic:
-                try:
-                    order = self._decode_order(record.value)
-                except DecodeError as exc:
-                    work.append((record, self._decode_dlq(record, exc), b""))
-                    continue
-                order_ids.add(order.order_id)
-                for item in order.items:
+            try:
+                task = self.decode(record)
+            except DecodeError as exc:
+                work.append((record, self.decode_dead_letter(record, exc), b""))
+                continue
+            if isinstance(task, OrderPlaced):
+                order_ids.add(task.order_id)
+                for item in task.items:
                     skus.add(item.sku)
-                work.append((record, order, schema.order_fingerprint(order)))
-            elif record.topic == self.commands_topic:
-                try:
-                    command = schema.decode_command(record.value)
-                except DecodeError as exc:
-                    work.append((record, self._decode_dlq(record, exc), b""))
-                    continue
-                order_ids.add(command.order_id)
-                work.append((record, command, b""))
-            else:
-                message = f"inventory does not consume {record.topic!r}"
-                dlq = self._dlq(record, "route", "UnexpectedTopic", message)
-                work.append((record, dlq, b""))
+                work.append((record, task, schema.order_fingerprint(task)))
+            elif isinstance(task, CancelOrder):
+                order_ids.add(task.order_id)
+                work.append((record, task, b""))
+            else:  # the dead letter of a record of an unexpected topic
+                work.append((record, task, b""))
 
-        state = _Batch(self._clock())
-        # a batch of nothing but dead letters must not wait for the shared database's lock
-        with self.store.transaction() if order_ids else nullcontext():
-            for order_id, known in self.store.load_orders(order_ids).items():
-                state.orders[order_id] = _Order(
-                    known.status,
-                    known.items,
-                    known.outcome,
-                    known.cancel_outcome,
-                    None,
-                    known.body_hash,
-                )
-                if known.status == "RESERVED":
-                    # a cancel in this batch may release stock of skus no order here uses
-                    skus.update(sku for sku, _ in known.items)
-            for row in self.store.load_stock(skus).values():
-                state.stock[row.sku] = [row.available, row.reserved]
-
-            for record, task, body_hash in work:
-                try:
-                    if isinstance(task, OrderPlaced):
-                        self._place(state, record, task, body_hash)
-                    elif isinstance(task, CancelOrder):
-                        self._cancel(state, record, task)
-                    else:
-                        state.out.append(task)
-                        self._count_dlq(state, record, task)
-                except StoreError:
-                    raise
-                except Exception as exc:  # a bug on one record must not stop the consumer
-                    logger.exception("inventory: unexpected error on %s", record.where())
-                    state.out.append(
-                        self._dlq(record, "process", type(exc).__name__, f"unexpected: {exc!r}")
-                    )
-                    self._count_dlq(state, record, state.out[-1])
-
-            self.store.update_stock(StockRow(sku, *state.stock[sku]) for sku in state.changed)
-            self.store.insert_orders(
-                new for oid in state.new_orders if (new := state.orders[oid].new) is not None
-            )
-            self.store.insert_cancellations(state.cancellations)
-
+        state = self._decide_retrying(work, order_ids, skus)
         stats = state.stats
         stats.records = len(batch)
         self.stats.add(stats)
@@ -253,6 +221,61 @@ class InventoryService:
             )
         return state.out
 
+    def _decide_retrying(self, work: list[_Work], order_ids: set[str], skus: set[str]) -> _Batch:
+        """``_decide`` the batch, running it again from scratch when it lost to another
+        instance (``StoreConflictError``: the transaction was rolled back)."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                # fresh in-memory state each time: the rolled-back attempt's is stale
+                return self._decide(work, order_ids, set(skus))
+            except StoreConflictError as exc:
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+                self.stats.conflicts += 1
+                logger.info("inventory batch: attempt %d lost (%s); running it again", attempt, exc)
+                # jittered backoff: two instances that collided should not collide again
+                time.sleep(random.uniform(0, CONFLICT_BACKOFF_S * attempt))
+        raise AssertionError("unreachable")
+
+    def _decide(self, work: list[_Work], order_ids: set[str], skus: set[str]) -> _Batch:
+        """Decide the batch in one transaction; its state once committed."""
+        state = _Batch(self._clock())
+        # a batch of nothing but dead letters must not wait for the shared database's lock
+        with self.store.transaction() if order_ids else nullcontext():
+            for order_id, known in self.store.load_orders(order_ids).items():
+                state.orders[order_id] = _Order(
+                    known.status,
+                    known.items,
+                    known.outcome,
+                    known.cancel_outcome,
+                    None,
+                    known.body_hash,
+                )
+                if known.status == "RESERVED":
+                    # a cancel in this batch may release stock of skus no order here uses
+                    skus.update(sku for sku, _ in known.items)
+            for row in self.store.load_stock(skus).values():
+                state.stock[row.sku] = [row.available, row.reserved]
+
+            def step(
+                record: InRecord, task: OrderPlaced | CancelOrder | OutRecord, body_hash: bytes
+            ) -> None:
+                if isinstance(task, OrderPlaced):
+                    self._place(state, record, task, body_hash)
+                elif isinstance(task, CancelOrder):
+                    self._cancel(state, record, task)
+                else:
+                    self._add_dlq(state, record, task)
+
+            self.apply_guarded(work, step, lambda record, dlq: self._add_dlq(state, record, dlq))
+
+            self.store.update_stock(StockRow(sku, *state.stock[sku]) for sku in state.changed)
+            self.store.insert_orders(
+                new for oid in state.new_orders if (new := state.orders[oid].new) is not None
+            )
+            self.store.insert_cancellations(state.cancellations)
+        return state
+
     # --- orders ------------------------------------------------------------------------
 
     def _place(self, state: _Batch, record: InRecord, order: OrderPlaced, body_hash: bytes) -> None:
@@ -260,15 +283,12 @@ class InventoryService:
         known = state.orders.get(order.order_id)
         if known is not None:
             if known.body_hash is not None and known.body_hash != body_hash:
-                dlq = self._dlq(
-                    record,
-                    "place",
-                    DUPLICATE_ORDER_ID,
+                message = (
                     f"order id {order.order_id!r} was already decided ({known.status}) for"
-                    " another order body; this one is not placed (use a new order id)",
+                    " another order body; this one is not placed (use a new order id)"
                 )
-                state.out.append(dlq)
-                self._count_dlq(state, record, dlq)
+                dlq = self.dead_letter(record, "place", DUPLICATE_ORDER_ID, message)
+                self._add_dlq(state, record, dlq)
                 return
             state.out.append(OutRecord(self.events_topic, key, known.outcome))
             state.stats.duplicates += 1
@@ -341,14 +361,10 @@ class InventoryService:
         order_id = command.order_id
         known = state.orders.get(order_id)
         if known is None:
-            dlq = self._dlq(
-                record,
-                "cancel",
-                CANCEL_REJECTED,
-                f"order {order_id!r} is unknown (not placed yet?); replay once it exists",
+            message = f"order {order_id!r} is unknown (not placed yet?); replay once it exists"
+            self._add_dlq(
+                state, record, self.dead_letter(record, "cancel", CANCEL_REJECTED, message)
             )
-            state.out.append(dlq)
-            self._count_dlq(state, record, dlq)
             return
         key = order_id.encode()
         if known.status == "CANCELLED":
@@ -402,23 +418,9 @@ class InventoryService:
 
     # --- dead letters ------------------------------------------------------------------
 
-    def _decode_dlq(self, record: InRecord, exc: DecodeError) -> OutRecord:
-        return self._dlq(record, "decode", f"DecodeError.{exc.kind}", str(exc))
-
-    def _dlq(self, record: InRecord, stage: str, error_class: str, message: str) -> OutRecord:
-        return dead_letter(
-            record,
-            dlq_topic=self.dlq_topic,
-            service=self.service_name,
-            stage=stage,
-            error_class=error_class,
-            message=message,
-        )
-
     @staticmethod
-    def _count_dlq(state: _Batch, record: InRecord, dlq: OutRecord) -> None:
+    def _add_dlq(state: _Batch, record: InRecord, dlq: OutRecord) -> None:
+        state.out.append(dlq)
         state.stats.dlq += 1
         if state.first_dlq is None:
-            raw = header(dlq.headers, ERROR_HEADER_PREFIX + "message") or b""
-            message = raw.decode("utf-8", "replace")
-            state.first_dlq = f"{record.where()}: {message}"
+            state.first_dlq = describe_dead_letter(record, dlq)

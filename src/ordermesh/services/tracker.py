@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from ordermesh import schema
-from ordermesh.errors import DecodeError, StoreError
-from ordermesh.records import InRecord, OutRecord, dead_letter
+from ordermesh.errors import DecodeError
+from ordermesh.records import InRecord, OutRecord
 from ordermesh.schema import (
     CancelRejected,
     OrderCancelled,
@@ -47,13 +47,13 @@ from ordermesh.schema import (
     OrderReserved,
     StockReleased,
 )
+from ordermesh.services.base import StoreService, describe_dead_letter
 from ordermesh.stores.tracker import (
     EVENT_RANK,
     HistoryRow,
-    OrderRow,
     OrderStatus,
-    OrderUpdate,
     PendingEvent,
+    TrackedOrder,
     TrackerStore,
     encode_items,
 )
@@ -92,46 +92,6 @@ class TrackerStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-class _Tracked:
-    """In-batch view of one order: loaded from the store or placed in this batch."""
-
-    __slots__ = (
-        "body_hash",
-        "cancelled_at",
-        "decided_at",
-        "detail",
-        "dirty",
-        "placed",
-        "reason",
-        "seq",
-        "status",
-        "updated_at",
-    )
-
-    def __init__(
-        self,
-        status: OrderStatus,
-        decided_at: float | None,
-        cancelled_at: float | None,
-        reason: str | None,
-        detail: str | None,
-        updated_at: float,
-        seq: int,
-        body_hash: bytes | None,
-        placed: OrderPlaced | None = None,
-    ) -> None:
-        self.body_hash = body_hash  # None: recorded before fingerprints were kept
-        self.status = status
-        self.decided_at = decided_at
-        self.cancelled_at = cancelled_at
-        self.reason = reason
-        self.detail = detail
-        self.updated_at = updated_at
-        self.seq = seq
-        self.placed = placed  # the order to insert, when placed in this batch
-        self.dirty = False
-
-
 # an event with the raw bytes and source offset it came with (raw bytes for `pending`)
 _Parked = tuple[OrderEvent, bytes, str | None]
 
@@ -141,16 +101,24 @@ class _Batch:
 
     def __init__(self, now: float) -> None:
         self.now = now
-        self.orders: dict[str, _Tracked] = {}
+        # every order of the batch, as it stands after the records applied so far
+        self.orders: dict[str, TrackedOrder] = {}
+        self.placed: set[str] = set()  # orders to insert (placed in this batch)
+        self.changed: set[str] = set()  # stored orders to update
         self.history: set[tuple[str, str]] = set()
         self.new_history: list[HistoryRow] = []
-        self.new_order_ids: list[str] = []
         # events of orders not known yet: order_id -> event type -> first copy
         self.parked: dict[str, dict[str, _Parked]] = {}
         self.stored_pending: dict[str, list[_Parked]] = {}
         self.unparked_ids: list[str] = []
         self.stats = TrackerStats(batches=1)
         self.first_conflict: str | None = None
+        self.first_dlq: str | None = None
+
+    def add_dlq(self, out: list[OutRecord], record: InRecord, dlq: OutRecord) -> None:
+        out.append(dlq)
+        self.stats.dlq += 1
+        self.first_dlq = self.first_dlq or describe_dead_letter(record, dlq)
 
 
 def _history_detail(event: OrderEvent) -> str:
@@ -181,7 +149,7 @@ def _parked_order(parked: _Parked) -> tuple[int, float]:
     return EVENT_RANK.get(type(event).__name__, 9), event.at
 
 
-class TrackerService:
+class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
     """Pure tracker logic over a ``TrackerStore``; no Kafka inside."""
 
     def __init__(
@@ -194,12 +162,15 @@ class TrackerService:
         service_name: str = "tracker",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        super().__init__(
+            store,
+            decoders={orders_topic: schema.decode_order, events_topic: schema.decode_event},
+            dlq_topic=dlq_topic,
+            service_name=service_name,
+            clock=clock,
+        )
         self.orders_topic = orders_topic
         self.events_topic = events_topic
-        self.dlq_topic = dlq_topic
-        self.service_name = service_name
-        self._clock = clock
         self.stats = TrackerStats()
 
     def handle(self, batch: Sequence[InRecord]) -> list[OutRecord]:
@@ -212,64 +183,47 @@ class TrackerService:
             return []
         started = time.perf_counter()
         out: list[OutRecord] = []
-        stats = TrackerStats(batches=1, records=len(batch))
+        state = _Batch(self._clock())
+        stats = state.stats
+        stats.records = len(batch)
         # (record, task, fingerprint of an OrderPlaced; b"" for events)
         work: list[tuple[InRecord, OrderPlaced | OrderEvent, bytes]] = []
         order_ids: set[str] = set()
         placed_ids: set[str] = set()
-        first_dlq: str | None = None
         first_malformed: str | None = None
         orders_topic = self.orders_topic
-        events_topic = self.events_topic
         # decode outside the transaction: CPU only, keeps the cross-process lock short
         for record in batch:
-            if record.topic == orders_topic:
-                try:
-                    order = schema.decode_order(record.value)
-                except DecodeError as exc:
+            try:
+                task = self.decode(record)
+            except DecodeError as exc:
+                if record.topic == orders_topic:
                     # the inventory service dead-letters it; one DLQ copy, not two
                     stats.malformed_orders += 1
                     first_malformed = first_malformed or f"{record.where()}: {exc}"
-                    continue
-                order_ids.add(order.order_id)
-                placed_ids.add(order.order_id)
-                work.append((record, order, schema.order_fingerprint(order)))
-            elif record.topic == events_topic:
-                try:
-                    event = schema.decode_event(record.value)
-                except DecodeError as exc:
-                    out.append(self._dlq(record, "decode", f"DecodeError.{exc.kind}", str(exc)))
-                    stats.dlq += 1
-                    first_dlq = first_dlq or f"{record.where()}: {exc}"
-                    continue
-                order_ids.add(event.order_id)
-                work.append((record, event, b""))
+                else:
+                    state.add_dlq(out, record, self.decode_dead_letter(record, exc))
+                continue
+            if isinstance(task, OutRecord):  # a record of a topic the tracker does not read
+                state.add_dlq(out, record, task)
+                continue
+            order_ids.add(task.order_id)
+            if isinstance(task, OrderPlaced):
+                placed_ids.add(task.order_id)
+                work.append((record, task, schema.order_fingerprint(task)))
             else:
-                message = f"tracker does not consume {record.topic!r}"
-                out.append(self._dlq(record, "route", "UnexpectedTopic", message))
-                stats.dlq += 1
-                first_dlq = first_dlq or f"{record.where()}: {message}"
+                work.append((record, task, b""))
 
-        state = _Batch(self._clock())
-        state.stats = stats
+        def step(record: InRecord, task: OrderPlaced | OrderEvent, body_hash: bytes) -> None:
+            if isinstance(task, OrderPlaced):
+                self._place(state, task, body_hash, record.where())
+            else:
+                self._event(state, task, record.value or b"", record.where())
+
         # a batch of nothing but bad input must not wait for the database's write lock
         with self.store.transaction() if work else nullcontext():
             self._load(state, order_ids, placed_ids)
-            for record, task, body_hash in work:
-                try:
-                    if isinstance(task, OrderPlaced):
-                        self._place(state, task, body_hash, record.where())
-                    else:
-                        self._event(state, task, record.value or b"", record.where())
-                except StoreError:
-                    raise
-                except Exception as exc:  # a bug on one record must not stop the consumer
-                    logger.exception("tracker: unexpected error on %s", record.where())
-                    out.append(
-                        self._dlq(record, "process", type(exc).__name__, f"unexpected: {exc!r}")
-                    )
-                    stats.dlq += 1
-                    first_dlq = first_dlq or f"{record.where()}: {exc!r}"
+            self.apply_guarded(work, step, lambda record, dlq: state.add_dlq(out, record, dlq))
             self._write(state)
 
         self.stats.add(stats)
@@ -297,7 +251,7 @@ class TrackerService:
             )
         if stats.dlq:
             logger.warning(
-                "tracker batch: %d records dead-lettered; first: %s", stats.dlq, first_dlq
+                "tracker batch: %d records dead-lettered; first: %s", stats.dlq, state.first_dlq
             )
         if stats.conflicts:
             logger.warning(
@@ -313,8 +267,7 @@ class TrackerService:
     def _load(self, state: _Batch, order_ids: set[str], placed_ids: set[str]) -> None:
         store = self.store
         known = store.load_orders(order_ids)
-        for order_id, row in known.items():
-            state.orders[order_id] = _Tracked(*row)
+        state.orders.update(known)
         # only known orders have history; new ones start with none (pending is apart)
         state.history = store.load_history_keys(known.keys())
         for pending in store.load_pending(placed_ids - known.keys()):
@@ -333,45 +286,14 @@ class TrackerService:
 
     def _write(self, state: _Batch) -> None:
         store = self.store
-        inserts: list[OrderRow] = []
-        updates: list[OrderUpdate] = []
-        for order_id, tracked in state.orders.items():
-            order = tracked.placed
-            if order is not None:
-                inserts.append(
-                    OrderRow(
-                        order_id,
-                        order.customer_id,
-                        tracked.status,
-                        encode_items((i.sku, i.quantity, i.unit_price) for i in order.items),
-                        order.total,
-                        order.currency,
-                        order.created_at,
-                        state.now,
-                        tracked.decided_at,
-                        tracked.cancelled_at,
-                        tracked.reason,
-                        tracked.detail,
-                        tracked.updated_at,
-                        tracked.seq,
-                        tracked.body_hash,
-                    )
-                )
-            elif tracked.dirty:
-                updates.append(
-                    OrderUpdate(
-                        order_id,
-                        tracked.status,
-                        tracked.decided_at,
-                        tracked.cancelled_at,
-                        tracked.reason,
-                        tracked.detail,
-                        tracked.updated_at,
-                        tracked.seq,
-                    )
-                )
-        store.insert_orders(inserts)
-        store.update_orders(updates)
+        orders = state.orders
+        placed, changed = state.placed, state.changed
+        store.insert_orders(row for order_id, row in orders.items() if order_id in placed)
+        store.update_orders(
+            row
+            for order_id, row in orders.items()
+            if order_id in changed and order_id not in placed
+        )
         store.insert_history(state.new_history)
         store.insert_pending(
             PendingEvent(order_id, name, raw, source)
@@ -393,10 +315,24 @@ class TrackerService:
             else:
                 state.stats.duplicates += 1  # redelivery: the first copy stands
             return
-        tracked = _Tracked(
-            "PLACED", None, None, None, None, order.created_at, 1, body_hash, placed=order
+        state.orders[order_id] = TrackedOrder(
+            order_id=order_id,
+            customer_id=order.customer_id,
+            status="PLACED",
+            items=encode_items((i.sku, i.quantity, i.unit_price) for i in order.items),
+            total=order.total,
+            currency=order.currency,
+            created_at=order.created_at,
+            placed_at=state.now,
+            decided_at=None,
+            cancelled_at=None,
+            reason=None,
+            detail=None,
+            updated_at=order.created_at,
+            seq=1,
+            body_hash=body_hash,
         )
-        state.orders[order_id] = tracked
+        state.placed.add(order_id)
         state.history.add((order_id, "OrderPlaced"))
         state.new_history.append(
             HistoryRow(order_id, "OrderPlaced", "PLACED", order.created_at, "", None)
@@ -411,11 +347,10 @@ class TrackerService:
         waiting.sort(key=_parked_order)
         for event, _raw, source in waiting:
             state.stats.unparked += 1
-            self._apply(state, tracked, event, source)
+            self._apply(state, event, source)
 
     def _event(self, state: _Batch, event: OrderEvent, raw: bytes, source: str) -> None:
-        tracked = state.orders.get(event.order_id)
-        if tracked is None:
+        if event.order_id not in state.orders:
             # the OrderPlaced has not been read yet: keep the first copy until it is
             events = state.parked.setdefault(event.order_id, {})
             name = type(event).__name__
@@ -425,11 +360,10 @@ class TrackerService:
                 events[name] = (event, raw, source)
                 state.stats.parked += 1
             return
-        self._apply(state, tracked, event, source)
+        self._apply(state, event, source)
 
-    def _apply(
-        self, state: _Batch, tracked: _Tracked, event: OrderEvent, source: str | None
-    ) -> None:
+    def _apply(self, state: _Batch, event: OrderEvent, source: str | None) -> None:
+        """Apply an event to its order (in ``state.orders``), unless already applied."""
         order_id = event.order_id
         name = type(event).__name__
         key = (order_id, name)
@@ -442,15 +376,18 @@ class TrackerService:
         state.new_history.append(
             HistoryRow(order_id, name, target, at, _history_detail(event), source)
         )
-        tracked.seq += 1
-        tracked.dirty = True
-        if isinstance(event, OrderReserved | OrderRejected) and tracked.decided_at is None:
-            tracked.decided_at = at
-        if target is None:
-            state.stats.history_only += 1
-            return
+        tracked = state.orders[order_id]
+        state.changed.add(order_id)
+        decided_at = tracked.decided_at
+        if isinstance(event, OrderReserved | OrderRejected) and decided_at is None:
+            decided_at = at
         current = tracked.status
-        if STATUS_RANK[target] <= STATUS_RANK[current]:
+        if target is None or STATUS_RANK[target] <= STATUS_RANK[current]:
+            # history only, or an event the status is past already: status stays
+            state.orders[order_id] = tracked._replace(decided_at=decided_at, seq=tracked.seq + 1)
+            if target is None:
+                state.stats.history_only += 1
+                return
             state.stats.stale += 1
             if target != current and STATUS_RANK[target] == STATUS_RANK[current]:
                 logger.warning(
@@ -461,25 +398,21 @@ class TrackerService:
                     source,
                 )
             return
-        tracked.status = target
-        tracked.updated_at = max(tracked.updated_at, at)
+        reason, detail, cancelled_at = tracked.reason, tracked.detail, tracked.cancelled_at
         if isinstance(event, OrderRejected):
-            tracked.reason = event.reason
-            tracked.detail = event.detail
+            reason = event.reason
+            detail = event.detail
         elif isinstance(event, OrderCancelled):
-            tracked.cancelled_at = at
+            cancelled_at = at
             if event.detail:
-                tracked.detail = event.detail
-        state.stats.transitions += 1
-
-    # --- dead letters -------------------------------------------------------------------
-
-    def _dlq(self, record: InRecord, stage: str, error_class: str, message: str) -> OutRecord:
-        return dead_letter(
-            record,
-            dlq_topic=self.dlq_topic,
-            service=self.service_name,
-            stage=stage,
-            error_class=error_class,
-            message=message,
+                detail = event.detail
+        state.orders[order_id] = tracked._replace(
+            status=target,
+            decided_at=decided_at,
+            cancelled_at=cancelled_at,
+            reason=reason,
+            detail=detail,
+            updated_at=max(tracked.updated_at, at),
+            seq=tracked.seq + 1,
         )
+        state.stats.transitions += 1

@@ -1,4 +1,4 @@
-"""The analytics process: a consumer loop feeding ``Analytics`` plus its HTTP server.
+"""The analytics process: a runner feeding ``Analytics`` plus its dashboard and metrics.
 
 One process, two threads:
 
@@ -16,8 +16,9 @@ One process, two threads:
 
 Offsets: totals are rebuilt from the durable topics on every start, never from committed
 offsets. The process reads *every* partition of ``orders``, ``order-events`` and
-``orders-dlq`` from the beginning by manual assignment (``EveryPartition``) instead of
-joining the ``analytics`` group, because:
+``orders-dlq`` from the beginning by manual assignment (its ``ServiceSpec`` says
+``per_partition_assignment``, so the runner uses ``kafka.assignment.EveryPartition``)
+instead of joining the ``analytics`` group, because:
 
 - analytics is an aggregate view: as a group member, a second instance would get half
   the partitions and both would show half the totals. Read-everything instances each
@@ -31,10 +32,8 @@ The runner still commits what it handled under group ``analytics`` (a non-member
 commit, accepted while the group has no members), which only makes how far analytics
 is behind visible in ``/groups``; it is never read back.
 
-Consumer groups (``/groups``): described with the AdminClient and their lag computed with
-``group_lag`` every ``GROUPS_REFRESH_S`` in a thread of their own; requests read the
-cached result. A group that does not exist (``DEAD``) gets no lag: its "lag" would be
-the whole topic.
+Consumer groups (``/groups``): every consumer group of ``topology``, described by
+``kafka.groups.GroupsMonitor`` in a thread of its own; requests read the cached result.
 """
 
 from __future__ import annotations
@@ -42,14 +41,11 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, Final, cast
+from collections.abc import Iterator
+from typing import Any, Final
 
 import msgspec
 import uvicorn
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -59,29 +55,21 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ordermesh.apps.base import service_runner
 from ordermesh.config import Settings
 from ordermesh.errors import ConfigError
-from ordermesh.kafka.client import make_admin
-from ordermesh.kafka.lag import group_lag
+from ordermesh.kafka.groups import GroupsMonitor
 from ordermesh.kafka.runner import BatchRunner, RunnerStats
 from ordermesh.records import InRecord, OutRecord
-from ordermesh.services.analytics import Analytics
-from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
+from ordermesh.services.analytics import Analytics, Snapshot
+from ordermesh.topics import DLQ, EVENTS, ORDERS
+from ordermesh.topology import SERVICES, ServiceSpec, group_topics, service
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8090
-GROUPS_REFRESH_S: Final = 2.0
-PARTITIONS_REFRESH_S: Final = 10.0
-ANALYTICS_GROUP: Final = "analytics"
-# the consumer groups the dashboard shows, with the topics each consumes
-GROUP_TOPICS: Final[dict[str, tuple[str, ...]]] = {
-    "inventory": (ORDERS, COMMANDS),
-    "tracker": (ORDERS, EVENTS),
-    "analytics": (ORDERS, EVENTS, DLQ),
-    "dlq-logger": (DLQ,),
-}
+SPEC: Final[ServiceSpec] = service("analytics")
 _JSON_HEADERS: Final = {"cache-control": "no-store"}
 
 
@@ -100,7 +88,7 @@ class AnalyticsState:
         with self.lock:
             return self.analytics.handle(batch)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         with self.lock:
             return self.analytics.snapshot()
 
@@ -109,194 +97,16 @@ class AnalyticsState:
             return self.analytics.positions()
 
 
-class EveryPartition:
-    """A consumer that reads *every* partition of its topics, from the beginning.
-
-    Stands in for the runner's consumer: ``subscribe`` assigns all partitions itself
-    (manual assignment, no group membership) and reports them through ``on_assign``;
-    partitions added later are picked up every ``PARTITIONS_REFRESH_S``. Everything
-    else goes to the real consumer, whose group id is still used to commit (so the lag
-    of ``analytics`` shows in ``/groups``).
-    """
-
-    def __init__(self, consumer: Consumer, positions: Callable[[], dict[tuple[str, int], int]]):
-        self._consumer = consumer
-        self._positions = positions
-        self._topics: list[str] = []
-        self._on_assign: Callable[[Any, list[TopicPartition]], None] | None = None
-        self._assigned: set[tuple[str, int]] = set()
-        self._next_refresh = 0.0
-
-    def subscribe(
-        self,
-        topics: list[str],
-        on_assign: Callable[[Any, list[TopicPartition]], None] | None = None,
-        **_callbacks: Any,  # on_revoke / on_lost: nothing is ever taken away
-    ) -> None:
-        self._topics = list(topics)
-        self._on_assign = on_assign
-        self._refresh()
-
-    def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        if time.monotonic() >= self._next_refresh:
-            self._refresh()
-        return list(self._consumer.consume(num_messages=num_messages, timeout=timeout))
-
-    def _refresh(self) -> None:
-        self._next_refresh = time.monotonic() + PARTITIONS_REFRESH_S
-        positions = self._positions()
-        new: list[TopicPartition] = []
-        for topic in self._topics:
-            try:
-                meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
-            except KafkaException as exc:
-                log.warning("analytics: no metadata for %s yet: %s", topic, exc)
-                continue
-            if meta is None or meta.error is not None:
-                continue
-            for partition in sorted(meta.partitions):
-                if (topic, partition) in self._assigned:
-                    continue
-                start = positions.get((topic, partition), OFFSET_BEGINNING)
-                new.append(TopicPartition(topic, partition, start))
-        if not new:
-            return
-        self._consumer.incremental_assign(new)
-        self._assigned |= {(tp.topic, tp.partition) for tp in new}
-        if self._on_assign is not None:
-            self._on_assign(self, new)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._consumer, name)
-
-
 def analytics_runner(settings: Settings, state: AnalyticsState) -> BatchRunner:
-    """A ``BatchRunner`` feeding ``state`` from every partition of the three topics."""
-    runner = BatchRunner(
-        settings,
-        group=ANALYTICS_GROUP,
-        topics=[settings.topic(ORDERS), settings.topic(EVENTS), settings.topic(DLQ)],
-        handler=state,
-        name="analytics",
-    )
-    # duck-typed: the runner only subscribes, consumes, commits, reads positions and
-    # watermarks, and closes; the real consumer keeps the runner's commit callback
-    runner.consumer = cast(Consumer, EveryPartition(runner.consumer, state.positions))
-    return runner
+    """A ``BatchRunner`` feeding ``state`` from every partition of the three topics,
+    each resumed at the position ``state`` has reached."""
+    return service_runner(settings, SPEC, state, positions=state.positions)
 
 
-# --- consumer groups ----------------------------------------------------------------------
-
-
-def _logical(settings: Settings, topic: str) -> str:
-    prefix = settings.topic_prefix
-    return topic[len(prefix) :] if prefix and topic.startswith(prefix) else topic
-
-
-def describe_groups(settings: Settings, admin: AdminClient) -> dict[str, Any]:
-    """Members, assignments and lag per partition of the groups in ``GROUP_TOPICS``."""
-    ids = {settings.group(name): name for name in GROUP_TOPICS}
-    futures = admin.describe_consumer_groups(list(ids), request_timeout=5)
-    groups: dict[str, Any] = {}
-    for group_id, future in futures.items():
-        name = ids[group_id]
-        entry: dict[str, Any] = {
-            "group_id": group_id,
-            "state": "UNKNOWN",
-            "type": "UNKNOWN",
-            # analytics reads every partition without joining: it has no members
-            "membership": "reader" if name == ANALYTICS_GROUP else "group",
-            "member_count": 0,
-            "members": [],
-            "partitions": [],
-            "total_lag": None,
-            "error": None,
-        }
-        groups[name] = entry
-        try:
-            desc = future.result()
-        except Exception as exc:  # noqa: BLE001 - one group failing must not hide the others
-            entry["error"] = str(exc)
-            continue
-        entry["state"] = getattr(desc.state, "name", str(desc.state))
-        entry["type"] = getattr(desc.type, "name", str(desc.type))
-        owner: dict[tuple[str, int], str] = {}
-        for member in sorted(desc.members, key=lambda m: (m.client_id, m.member_id)):
-            tps = sorted(
-                (_logical(settings, tp.topic), tp.partition)
-                for tp in (member.assignment.topic_partitions if member.assignment else [])
-            )
-            entry["members"].append(
-                {
-                    "member_id": member.member_id,
-                    "client_id": member.client_id,
-                    "host": member.host,
-                    "partitions": [f"{t}[{p}]" for t, p in tps],
-                }
-            )
-            for tp in tps:
-                owner[tp] = member.client_id or member.member_id
-        entry["member_count"] = len(entry["members"])
-        if entry["state"] == "DEAD":
-            continue  # no such group: no committed offsets, no lag to speak of
-        topics = [settings.topic(t) for t in GROUP_TOPICS[name]]
-        try:
-            lag = group_lag(settings, name, topics)
-        except Exception as exc:  # noqa: BLE001 - shown on the dashboard, retried next round
-            entry["error"] = f"lag: {exc}"
-            continue
-        rows = sorted(((_logical(settings, t), p), n) for (t, p), n in lag.items())
-        entry["partitions"] = [
-            {"topic": t, "partition": p, "lag": n, "member": owner.get((t, p))}
-            for (t, p), n in rows
-        ]
-        entry["total_lag"] = sum(n for _tp, n in rows)
-    return {"generated_at": time.time(), "groups": groups}
-
-
-class GroupsMonitor:
-    """Refreshes ``describe_groups`` every ``GROUPS_REFRESH_S`` in a thread of its own."""
-
-    def __init__(self, settings: Settings, every_s: float = GROUPS_REFRESH_S) -> None:
-        self.settings = settings
-        self.every_s = every_s
-        self._latest: dict[str, Any] = {"generated_at": None, "groups": {}, "error": None}
-        self._lock = threading.Lock()
-        self._admin: AdminClient | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="analytics-groups", daemon=True)
-
-    def latest(self) -> dict[str, Any]:
-        with self._lock:
-            return self._latest
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(15)
-
-    def _loop(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                if self._admin is None:
-                    self._admin = make_admin(self.settings)
-                found = describe_groups(self.settings, self._admin)
-                found["error"] = None
-                failures = 0
-            except Exception as exc:  # noqa: BLE001 - keep the last good view, say why
-                failures += 1
-                if failures == 1:
-                    log.warning("analytics: describing consumer groups failed: %s", exc)
-                with self._lock:
-                    found = dict(self._latest)
-                found["error"] = str(exc)
-            with self._lock:
-                self._latest = found
-            self._stop.wait(self.every_s)
+def groups_monitor(settings: Settings) -> GroupsMonitor:
+    """The monitor of every consumer group of the topology (``/groups``)."""
+    readers = [s.group for s in SERVICES if s.group is not None and s.per_partition_assignment]
+    return GroupsMonitor(settings, group_topics(), readers)
 
 
 # --- Prometheus ---------------------------------------------------------------------------
@@ -312,7 +122,7 @@ class AnalyticsCollector(Collector):
         return []  # unchecked registration: the families are built at scrape time
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.state.snapshot()
+        snap = msgspec.to_builtins(self.state.snapshot())
         t = snap["totals"]
         for name, value, doc in (
             ("orders_placed", t["placed"], "Valid orders placed (distinct order ids)."),
@@ -481,7 +291,7 @@ def run_analytics(
     # signals before the threads start: a SIGTERM from then on ends in a clean close
     runner.install_signal_handlers()
     runner.metrics.registry.register(AnalyticsCollector(state))
-    monitor = GroupsMonitor(settings) if groups else None
+    monitor = groups_monitor(settings) if groups else None
     try:
         server.start(create_app(state, monitor, runner.metrics.registry))
         if monitor is not None:

@@ -1,6 +1,7 @@
-"""DLQ tools against Kafka: read the dead-letter topic, replay entries to their source.
+"""DLQ tools: list the dead-letter topic, replay entries to their source.
 
-The decisions are in ``services/dlq.py`` (pure); this module only reads and produces.
+The decisions are in ``services/dlq.py`` (pure); reading and producing are
+``kafka.reader.read_topic`` and ``kafka.producer.deliver``; this module runs them.
 
 Replay safety: a replay produces with the idempotent producer, waits for every ack and
 reports where each record landed. Running the same replay twice re-publishes the same
@@ -12,12 +13,11 @@ Nothing is recorded about a replay besides the records themselves.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
 
 from ordermesh.config import Settings
-from ordermesh.kafka.client import make_producer
+from ordermesh.kafka.producer import deliver
 from ordermesh.kafka.reader import read_topic
 from ordermesh.services.dlq import (
     DlqEntry,
@@ -98,18 +98,19 @@ def replay(
     result = ReplayResult(plan, dry_run)
     if dry_run or not plan.replays:
         return result
-    producer = make_producer(settings, **{"message.timeout.ms": REPLAY_TIMEOUT_MS})
-    reported: set[int] = set()
-    for index, item in enumerate(plan.replays):
-        _produce(producer, item, _on_delivery(result, item, index, reported))
-    # flush() without a timeout returns once every record is acknowledged or failed
-    # (message.timeout.ms bounds that)
-    producer.flush()
-    for index, item in enumerate(plan.replays):
-        if index not in reported:
+    reports = deliver(
+        settings,
+        [item.record for item in plan.replays],
+        **{"message.timeout.ms": REPLAY_TIMEOUT_MS},
+    )
+    for item, report in zip(plan.replays, reports, strict=True):
+        if report is None:
             result.failed.append((item, "no delivery report"))
-    order = {id(item): index for index, item in enumerate(plan.replays)}
-    result.sent.sort(key=lambda sent: order[id(sent.replay)])
+        elif report.error is not None:
+            result.failed.append((item, report.error))
+            log.warning("dlq replay: %s not acknowledged: %s", item.entry.where(), report.error)
+        else:
+            result.sent.append(Sent(item, report.topic, report.partition, report.offset))
     log.info(
         "dlq replay: %d sent, %d failed, %d refused",
         len(result.sent),
@@ -117,29 +118,3 @@ def replay(
         len(plan.refused),
     )
     return result
-
-
-def _on_delivery(
-    result: ReplayResult, item: Replay, index: int, reported: set[int]
-) -> Callable[[Any, Any], None]:
-    def on_delivery(err: Any, msg: Any) -> None:
-        reported.add(index)
-        if err is not None:
-            result.failed.append((item, str(err)))
-            log.warning("dlq replay: %s not acknowledged: %s", item.entry.where(), err)
-        else:
-            result.sent.append(Sent(item, msg.topic(), msg.partition(), msg.offset()))
-
-    return on_delivery
-
-
-def _produce(producer: Any, item: Replay, on_delivery: Callable[[Any, Any], None]) -> None:
-    out = item.record
-    while True:
-        try:
-            producer.produce(
-                out.topic, out.value, out.key, headers=out.headers, on_delivery=on_delivery
-            )
-            return
-        except BufferError:
-            producer.poll(0.05)  # local queue full: serve delivery reports to make room

@@ -1,0 +1,280 @@
+"""``TrackerStore`` and ``OrderQueries`` on a SQLite file; see ``stores/tracker.py``.
+
+The tracker service writes the file (``SqliteTrackerStore``, every write inside
+``transaction()``); readers (the API, the CLI, ``verify``) open it read-only
+(``SqliteOrderQueries``, ``mode=ro``), so they can never change an order. WAL lets them
+read while the tracker writes; the busy timeout makes writers (several tracker instances
+sharing one file) take turns.
+
+Tables: ``orders`` (one row per order, the columns of ``TrackedOrder``), ``history``
+(primary key (order_id, event)) and ``pending`` (the same key, raw event bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Final
+
+from ordermesh.errors import StoreError
+from ordermesh.stores.sqlite import Migration, SqliteDatabase, Synchronous, add_column, statements
+from ordermesh.stores.tracker import (
+    ORDER_STATUSES,
+    HistoryEntry,
+    HistoryRow,
+    OrderPage,
+    OrderStatus,
+    OrderView,
+    PendingEvent,
+    TrackedOrder,
+    encode_cursor,
+    history_key,
+    page_bounds,
+)
+
+logger = logging.getLogger(__name__)
+
+# Append only: the n-th step brings a database to schema version n (stores/sqlite.py).
+MIGRATIONS: Final = (
+    Migration(
+        "orders, history and pending events",
+        statements(
+            # PostgreSQL: REAL -> DOUBLE PRECISION, seq BIGINT
+            """
+            CREATE TABLE IF NOT EXISTS orders (
+                order_id TEXT PRIMARY KEY,
+                customer_id TEXT NOT NULL,
+                status TEXT NOT NULL
+                    CHECK (status IN ('PLACED', 'RESERVED', 'REJECTED', 'CANCELLED')),
+                items TEXT NOT NULL,
+                total REAL NOT NULL,
+                currency TEXT NOT NULL,
+                created_at REAL NOT NULL,
+                placed_at REAL NOT NULL,
+                decided_at REAL,
+                cancelled_at REAL,
+                reason TEXT,
+                detail TEXT,
+                updated_at REAL NOT NULL,
+                seq INTEGER NOT NULL
+            )
+            """,
+            "CREATE INDEX IF NOT EXISTS orders_status ON orders (status, order_id)",
+            "CREATE INDEX IF NOT EXISTS orders_customer ON orders (customer_id, order_id)",
+            """
+            CREATE TABLE IF NOT EXISTS history (
+                order_id TEXT NOT NULL,
+                event TEXT NOT NULL,
+                status TEXT,
+                at REAL NOT NULL,
+                detail TEXT NOT NULL,
+                source TEXT,
+                PRIMARY KEY (order_id, event)
+            )
+            """,
+            # PostgreSQL: payload BYTEA
+            """
+            CREATE TABLE IF NOT EXISTS pending (
+                order_id TEXT NOT NULL,
+                event TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                source TEXT,
+                PRIMARY KEY (order_id, event)
+            )
+            """,
+        ),
+    ),
+    # NULL in rows recorded before: any copy of such an order is taken as a redelivery
+    Migration("orders.body_hash", add_column("orders", "body_hash", "BLOB")),
+)
+
+_COLUMNS: Final = ", ".join(TrackedOrder._fields)
+_INSERT: Final = (
+    f"INSERT INTO orders ({_COLUMNS}) VALUES ({', '.join('?' * len(TrackedOrder._fields))})"
+)
+_UPDATE: Final = (
+    "UPDATE orders SET status = ?, decided_at = ?, cancelled_at = ?, reason = ?, detail = ?,"
+    " updated_at = ?, seq = ? WHERE order_id = ?"
+)
+
+
+def _tracked(row: Any) -> TrackedOrder:
+    return TrackedOrder._make(row)
+
+
+class SqliteOrderQueries:
+    """Read-only ``OrderQueries`` over the tracker's file; safe to share between threads.
+
+    Opens lazily: if the tracker has not created the file yet (or not upgraded it to
+    this code's schema version), reads and ``ping`` raise ``StoreError`` until it has.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = SqliteDatabase(path, name="tracker", migrations=MIGRATIONS, readonly=True)
+        try:
+            self._db.connection()
+        except StoreError as exc:
+            logger.warning("tracker db %s not readable yet: %s", path, exc)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> SqliteOrderQueries:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def ping(self) -> None:
+        with self._db.read("ping") as conn:
+            conn.execute("SELECT 1 FROM orders LIMIT 1").fetchall()
+
+    def get_order(self, order_id: str) -> OrderView | None:
+        with self._db.read("get order") as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            entries = conn.execute(
+                "SELECT event, status, at, detail FROM history WHERE order_id = ?", (order_id,)
+            ).fetchall()
+        history = [HistoryEntry(*entry) for entry in entries]
+        history.sort(key=history_key)
+        return _tracked(row).view(history)
+
+    def list_orders(
+        self,
+        *,
+        status: OrderStatus | None = None,
+        customer_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> OrderPage:
+        limit, after = page_bounds(status, limit, cursor)
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if customer_id is not None:
+            where.append("customer_id = ?")
+            params.append(customer_id)
+        if after is not None:
+            where.append("order_id > ?")
+            params.append(after)
+        sql = f"SELECT {_COLUMNS} FROM orders"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY order_id LIMIT ?"
+        params.append(limit + 1)  # one more tells whether there is a next page
+        with self._db.read("list orders") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        more = len(rows) > limit
+        views = [_tracked(row).view([]) for row in rows[:limit]]
+        return OrderPage(views, encode_cursor(views[-1].order_id) if more else None)
+
+    def status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(ORDER_STATUSES, 0)
+        with self._db.read("count statuses") as conn:
+            for status, count in conn.execute(
+                "SELECT status, COUNT(*) FROM orders GROUP BY status"
+            ):
+                counts[status] = int(count)
+        return counts
+
+    def statuses(self) -> dict[str, OrderStatus]:
+        with self._db.read("read statuses") as conn:
+            return dict(conn.execute("SELECT order_id, status FROM orders").fetchall())
+
+    def pending_count(self) -> int:
+        with self._db.read("count pending") as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM pending").fetchone()
+        return int(count)
+
+
+class SqliteTrackerStore(SqliteOrderQueries):
+    """The tracker's own read-write ``TrackerStore`` (which answers the queries too)."""
+
+    def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
+        """Open, creating and migrating it, the database at ``path``."""
+        self.path = path
+        self._db = SqliteDatabase(
+            path, name="tracker", migrations=MIGRATIONS, synchronous=synchronous
+        )
+        self._db.connection()
+
+    def __enter__(self) -> SqliteTrackerStore:
+        return self
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self._db.transaction()
+
+    # --- batch primitives for the service (call inside transaction()) -----------------
+
+    def load_orders(self, order_ids: Collection[str]) -> dict[str, TrackedOrder]:
+        rows = self._db.select_in(
+            f"SELECT {_COLUMNS} FROM orders WHERE order_id IN ({{marks}})", order_ids
+        )
+        return {row[0]: _tracked(row) for row in rows}
+
+    def load_history_keys(self, order_ids: Collection[str]) -> set[tuple[str, str]]:
+        rows = self._db.select_in(
+            "SELECT order_id, event FROM history WHERE order_id IN ({marks})", order_ids
+        )
+        return {(order_id, event) for order_id, event in rows}
+
+    def load_pending(self, order_ids: Collection[str]) -> list[PendingEvent]:
+        rows = self._db.select_in(
+            "SELECT order_id, event, payload, source FROM pending WHERE order_id IN ({marks})",
+            order_ids,
+        )
+        return [PendingEvent(oid, event, bytes(payload), src) for oid, event, payload, src in rows]
+
+    def insert_orders(self, rows: Iterable[TrackedOrder]) -> None:
+        self._db.write_many("insert orders", _INSERT, list(rows))
+
+    def update_orders(self, rows: Iterable[TrackedOrder]) -> None:
+        self._db.write_many(
+            "update orders",
+            _UPDATE,
+            [
+                (
+                    r.status,
+                    r.decided_at,
+                    r.cancelled_at,
+                    r.reason,
+                    r.detail,
+                    r.updated_at,
+                    r.seq,
+                    r.order_id,
+                )
+                for r in rows
+            ],
+        )
+
+    def insert_history(self, rows: Iterable[HistoryRow]) -> None:
+        self._db.write_many(
+            "insert history",
+            "INSERT INTO history (order_id, event, status, at, detail, source)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, event) DO NOTHING",
+            list(rows),
+        )
+
+    def insert_pending(self, rows: Iterable[PendingEvent]) -> None:
+        self._db.write_many(
+            "insert pending",
+            "INSERT INTO pending (order_id, event, payload, source) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (order_id, event) DO NOTHING",
+            list(rows),
+        )
+
+    def delete_pending(self, order_ids: Iterable[str]) -> None:
+        self._db.write_many(
+            "delete pending",
+            "DELETE FROM pending WHERE order_id = ?",
+            [(order_id,) for order_id in order_ids],
+        )
