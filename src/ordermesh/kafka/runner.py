@@ -28,6 +28,7 @@ back-off on a full local queue) goes through ``producer.Producer``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -219,6 +220,9 @@ class BatchRunner:
         # the last offsets asked to be committed, and whether a commit of them failed:
         # while idle, no new batch would ever commit them again
         self._commit_target: dict[tuple[str, int], int] = {}
+        # what the group coordinator confirmed; a commit whose report never came (the
+        # coordinator moved or restarted meanwhile) shows as target > confirmed
+        self._confirmed: dict[tuple[str, int], int] = {}
         self._commit_failed = False
         self._last_recommit = 0.0
         # when every partition was lost (fenced) and none came back since
@@ -280,6 +284,19 @@ class BatchRunner:
     def _forget_commits(self, gone: set[tuple[str, int]]) -> None:
         for key in gone:
             self._commit_target.pop(key, None)
+            self._confirmed.pop(key, None)
+
+    def _unconfirmed(self, now: float) -> bool:
+        """Offsets asked to be committed a while ago that the coordinator never confirmed."""
+        last = self.stats.last_commit_at
+        if last is None or now - last < RECOMMIT_EVERY_S:
+            return False
+        confirmed = self._confirmed
+        return any(
+            confirmed.get(key, -1) < offset
+            for key, offset in self._commit_target.items()
+            if key in self.stats.assigned
+        )
 
     # --- loop ------------------------------------------------------------------------
 
@@ -313,7 +330,11 @@ class BatchRunner:
                         self._rejoin()
                 elif idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
-                if self._commit_failed and now - self._last_recommit > RECOMMIT_EVERY_S:
+                if (
+                    now - self._last_recommit > RECOMMIT_EVERY_S
+                    and not msgs
+                    and (self._commit_failed or self._unconfirmed(now))
+                ):
                     # no later batch may touch the partitions whose commit failed
                     self._recommit(asynchronous=True)
                 if now - last_lag >= LAG_SAMPLE_EVERY_S:
@@ -574,10 +595,11 @@ class BatchRunner:
         """Commit again the last offsets whose commit failed (of partitions still ours)."""
         self._last_recommit = time.monotonic()
         self._commit_failed = False
+        confirmed = self._confirmed
         offsets = [
             TopicPartition(t, p, o)
             for (t, p), o in self._commit_target.items()
-            if (t, p) in self.stats.assigned
+            if (t, p) in self.stats.assigned and confirmed.get((t, p), -1) < o
         ]
         if offsets:
             log.info("%s: committing again after a failed commit: %s", self.name, _fmt(offsets))
@@ -588,6 +610,8 @@ class BatchRunner:
             self._commit_target[(tp.topic, tp.partition)] = tp.offset
         try:
             commit(self.consumer, offsets, asynchronous=asynchronous)
+            if not asynchronous:
+                self._confirm(offsets)
             self.stats.commits += 1
             self.metrics.commits.labels(self.name).inc()
             self.stats.last_commit_at = time.monotonic()
@@ -599,8 +623,16 @@ class BatchRunner:
             self._commit_failed = True
             log.warning("%s: commit failed (%s); will commit again", self.name, exc)
 
+    def _confirm(self, offsets: list[TopicPartition]) -> None:
+        confirmed = self._confirmed
+        for tp in offsets:
+            key = (tp.topic, tp.partition)
+            if tp.offset > confirmed.get(key, -1):
+                confirmed[key] = tp.offset
+
     def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
         if err is None:
+            self._confirm([tp for tp in partitions if tp.error is None])
             err = next((tp.error for tp in partitions if tp.error is not None), None)
         if err is not None:
             self.stats.commit_failures += 1
@@ -639,8 +671,10 @@ class BatchRunner:
                 self.producer.flush(max(0.0, self._deadline - time.monotonic()))
             except AckDeadlineError:
                 self._give_up()
-            if self._commit_failed:
-                self._recommit(asynchronous=False)
+            if self._commit_failed or self._unconfirmed(math.inf):
+                # asynchronous: with the coordinator away a synchronous commit could
+                # hold the stop; the close below waits for what is in flight
+                self._recommit(asynchronous=True)
         finally:
             self.consumer.close()
             self.metrics.stop()
