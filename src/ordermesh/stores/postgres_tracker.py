@@ -44,7 +44,7 @@ from ordermesh.stores.tracker import (
     TrackedOrder,
     encode_cursor,
     history_key,
-    page_bounds,
+    list_orders_query,
 )
 
 logger = logging.getLogger(__name__)
@@ -225,23 +225,14 @@ class PostgresOrderQueries:
         limit: int = 50,
         cursor: str | None = None,
     ) -> OrderPage:
-        limit, after = page_bounds(status, limit, cursor)
-        where: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            where.append("status = %s")
-            params.append(status)
-        if customer_id is not None:
-            where.append("customer_id = %s")
-            params.append(customer_id)
-        if after is not None:
-            where.append("order_id > %s")
-            params.append(after)
-        text = f"SELECT {_COLUMNS} FROM orders"
-        if where:
-            text += " WHERE " + " AND ".join(where)
-        text += " ORDER BY order_id LIMIT %s"
-        params.append(limit + 1)  # one more tells whether there is a next page
+        text, params, limit = list_orders_query(
+            _COLUMNS,
+            status=status,
+            customer_id=customer_id,
+            limit=limit,
+            cursor=cursor,
+            mark="%s",
+        )
         with self._db.reader("list orders") as conn:
             rows = conn.execute(text.encode(), params).fetchall()
         more = len(rows) > limit

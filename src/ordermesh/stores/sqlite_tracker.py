@@ -31,7 +31,7 @@ from ordermesh.stores.tracker import (
     TrackedOrder,
     encode_cursor,
     history_key,
-    page_bounds,
+    list_orders_query,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,23 +154,14 @@ class SqliteOrderQueries:
         limit: int = 50,
         cursor: str | None = None,
     ) -> OrderPage:
-        limit, after = page_bounds(status, limit, cursor)
-        where: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if customer_id is not None:
-            where.append("customer_id = ?")
-            params.append(customer_id)
-        if after is not None:
-            where.append("order_id > ?")
-            params.append(after)
-        sql = f"SELECT {_COLUMNS} FROM orders"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY order_id LIMIT ?"
-        params.append(limit + 1)  # one more tells whether there is a next page
+        sql, params, limit = list_orders_query(
+            _COLUMNS,
+            status=status,
+            customer_id=customer_id,
+            limit=limit,
+            cursor=cursor,
+            mark="?",
+        )
         with self._db.read("list orders") as conn:
             rows = conn.execute(sql, params).fetchall()
         more = len(rows) > limit

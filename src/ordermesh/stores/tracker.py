@@ -31,7 +31,7 @@ import binascii
 from collections.abc import Collection, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple, Protocol, get_args
+from typing import Any, Final, Literal, NamedTuple, Protocol, get_args
 
 import msgspec
 
@@ -124,6 +124,36 @@ def page_bounds(status: str | None, limit: int, cursor: str | None) -> tuple[int
         raise ValueError(f"unknown status {status!r}")
     after = None if cursor is None else decode_cursor(cursor)
     return max(1, min(MAX_PAGE, int(limit))), after
+
+
+def list_orders_query(
+    columns: str,
+    *,
+    status: str | None,
+    customer_id: str | None,
+    limit: int,
+    cursor: str | None,
+    mark: str,
+) -> tuple[str, list[Any], int]:
+    """``list_orders``' statement, its parameters and the page size, for a driver whose
+    placeholder is ``mark`` (``?`` or ``%s``). One row more than the page is asked for:
+    it tells whether there is a next page."""
+    limit, after = page_bounds(status, limit, cursor)
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("status", status), ("customer_id", customer_id)):
+        if value is not None:
+            where.append(f"{column} = {mark}")
+            params.append(value)
+    if after is not None:
+        where.append(f"order_id > {mark}")
+        params.append(after)
+    text = f"SELECT {columns} FROM orders"
+    if where:
+        text += " WHERE " + " AND ".join(where)
+    text += f" ORDER BY order_id LIMIT {mark}"
+    params.append(limit + 1)
+    return text, params, limit
 
 
 def encode_items(items: Iterable[ItemTuple]) -> str:
