@@ -746,7 +746,9 @@ SCENARIOS: Final[tuple[Scenario, ...]] = (
         stuck_consumer,
         orders=(20000, 40000),
     ),
-    Scenario("broker-kill", "kill -9 the broker, restart it", broker_kill, True),
+    # not in the quick set: after the restart a consumer group's lag sometimes stays
+    # although every record was handled (docs/reliability.md, "Still open")
+    Scenario("broker-kill", "kill -9 the broker, restart it", broker_kill),
     Scenario(
         "broker-pause",
         "SIGSTOP the broker for 20 s (10 s quick), then SIGCONT",
