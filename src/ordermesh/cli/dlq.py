@@ -1,4 +1,6 @@
-"""`ordermesh dlq run | list | replay`: the dead-letter queue for operators.
+"""`ordermesh dlq list | replay`: the dead-letter queue for operators.
+
+`ordermesh dlq run` (the DLQ logger) is the generic service command of ``cli/services``.
 
 Exit codes of ``dlq replay``: 0 when at least one record was replayed (or would be, with
 ``--dry-run``) and every send was acknowledged; 1 when nothing was replayed (nothing
@@ -42,27 +44,6 @@ Reasons = Annotated[
 
 def _line(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
-
-
-@dlq_app.command("run")
-def dlq_run(
-    data_dir: DataDir = None,
-    bootstrap_server: BootstrapServer = None,
-    command_config: CommandConfig = None,
-    idle_exit: Annotated[
-        float | None, typer.Option(help="Exit after this many idle seconds.")
-    ] = None,
-) -> None:
-    """Run the DLQ logger: one alert line per dead-lettered record, counts by reason."""
-    from ordermesh.apps.dlq_logger import run_dlq_logger
-
-    settings = make_settings(
-        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
-    )
-    try:
-        run_dlq_logger(settings, idle_exit_s=idle_exit)
-    except OrderMeshError as exc:
-        raise fail(exc) from None
 
 
 def _text(raw: bytes | None) -> str | None:
