@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install jars test check lint types up db bench clean
+.PHONY: install jars test test-classic container-test check lint types up db bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,16 @@ jars: $(STAMP)
 
 test: install jars
 	$(BIN)/pytest -q
+
+# The consumer tests (rebalances, kills, restarts) under the classic group protocol; the
+# suite runs them under KIP-848's, the default.
+test-classic: install jars
+	ORDERMESH_GROUP_PROTOCOL=classic $(BIN)/pytest -q tests/integration/test_inventory_pipeline.py \
+		tests/integration/test_tracker.py tests/chaos/test_inventory_kill.py
+
+# The image and compose.yaml for real with podman (docs/deploy.md); `make test` runs it too.
+container-test: install jars
+	$(BIN)/pytest -q -m container tests/container
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -1,16 +1,54 @@
-"""The one settings object, read from ``ORDERMESH_*`` env vars and CLI flags."""
+"""The one settings object, read from ``ORDERMESH_*`` env vars and CLI flags.
+
+Kafka client properties come in layers, each overriding the one before (the merge is
+``kafka.client.common_config``):
+
+1. the local cluster's ``client.properties``, when the local broker is the cluster used
+   (``broker up --security scram-tls`` writes it);
+2. the settings below: ``security_protocol``, ``sasl_*``, ``ssl_*``, ``client_id``;
+3. ``ORDERMESH_KAFKA_<PROPERTY>`` env vars, any librdkafka property: the name upper-cased,
+   every ``.`` written ``_`` and a ``_`` of the property's own written ``__``
+   (``ORDERMESH_KAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM=none`` is
+   ``ssl.endpoint.identification.algorithm=none``); ``ORDERMESH_KAFKA_CACHE_DIR`` and
+   ``ORDERMESH_KAFKA_VERSION`` are OrderMesh's own settings, not properties;
+4. the ``--command-config`` file (``ORDERMESH_COMMAND_CONFIG``).
+
+``bootstrap.servers`` is not a property of any layer: it is ``--bootstrap-server``.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from ordermesh.errors import ConfigError
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+# ``consumer``: KIP-848, the broker assigns (Kafka 4); ``classic``: the consumers do
+GroupProtocol = Literal["consumer", "classic"]
+
+KAFKA_ENV_PREFIX: Final = "ORDERMESH_KAFKA_"
+# property names whose values are secrets: shown as "**********" wherever settings are
+SENSITIVE_FRAGMENTS: Final = (
+    "password",
+    "secret",
+    "key.pem",
+    "jaas",
+    "token",
+    "oauthbearer.config",
+    "credential",
+)
 
 KAFKA_VERSION = "4.3.1"
 
@@ -41,20 +79,101 @@ def read_client_properties(path: Path) -> dict[str, str]:
     return props
 
 
+def property_from_env(name: str) -> str | None:
+    """The librdkafka property an ``ORDERMESH_KAFKA_*`` variable sets (None: not one)."""
+    if not name.upper().startswith(KAFKA_ENV_PREFIX):
+        return None
+    rest = name[len(KAFKA_ENV_PREFIX) :].lower()
+    if not rest or f"kafka_{rest}" in Settings.model_fields:
+        return None  # ORDERMESH_KAFKA_CACHE_DIR and the like are settings
+    return "_".join(part.replace("_", ".") for part in rest.split("__"))
+
+
+def env_for_property(prop: str) -> str:
+    """The ``ORDERMESH_KAFKA_*`` variable that sets librdkafka property ``prop``."""
+    return KAFKA_ENV_PREFIX + prop.replace("_", "__").replace(".", "_").upper()
+
+
+def is_sensitive(prop: str) -> bool:
+    """Whether the value of librdkafka property ``prop`` is a secret."""
+    name = prop.lower()
+    return any(fragment in name for fragment in SENSITIVE_FRAGMENTS)
+
+
+def redacted(props: Mapping[str, Any]) -> dict[str, Any]:
+    """``props`` with the values of secret properties hidden: the only way to show them."""
+    return {k: "**********" if is_sensitive(k) else v for k, v in props.items()}
+
+
+class _KafkaEnvSource(PydanticBaseSettingsSource):
+    """``ORDERMESH_KAFKA_<PROPERTY>`` variables as ``librdkafka_properties``."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole environment
+
+    def __call__(self) -> dict[str, Any]:
+        found = {
+            prop: value
+            for name, value in os.environ.items()
+            if (prop := property_from_env(name)) is not None
+        }
+        return {"librdkafka_properties": found} if found else {}
+
+
 class Settings(BaseSettings):
     """Everything configurable; built once at the entry point and passed down."""
 
     model_config = SettingsConfigDict(env_prefix="ORDERMESH_", frozen=True, extra="ignore")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # earlier sources win; dicts merge (a librdkafka_properties=... argument adds to
+        # the ORDERMESH_KAFKA_* variables and wins where both name a property)
+        return (
+            init_settings,
+            env_settings,
+            _KafkaEnvSource(settings_cls),
+            dotenv_settings,
+            file_secret_settings,
+        )
+
     # Kafka: when set, this cluster is used and nothing is started locally.
     bootstrap_servers: str | None = None
-    security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    # None: librdkafka's default (PLAINTEXT), or what the local cluster's
+    # client.properties says when the local broker is used
+    security_protocol: SecurityProtocol | None = None
+    sasl_mechanism: SaslMechanism | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # TLS: the CA that signed the brokers' certificates (PEM; None: the system's), and a
+    # client certificate with its key for clusters that require one (mutual TLS)
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    ssl_key_password: SecretStr | None = None
+    # check that the broker's certificate names the host connected to (False only for
+    # test clusters whose certificates do not)
+    ssl_endpoint_identification: bool = True
+    # how the cluster's logs, quotas and ACL audit name this client
+    client_id: str | None = None
     # Extra librdkafka properties in the ``client.properties`` format of Kafka's own
     # tools (``--command-config``): how SASL/TLS settings are usually passed.
     command_config: Path | None = None
+    # any librdkafka property, from ORDERMESH_KAFKA_<PROPERTY> variables (module docstring)
+    librdkafka_properties: dict[str, str] = Field(default_factory=dict, repr=False)
+    group_protocol: GroupProtocol = "consumer"
+
+    # Topics (``topics ensure``): partitions of orders, order-commands and order-events
+    # (orders-dlq gets min(3, this)); retention of every topic, None: the cluster's default
+    topic_partitions: int = Field(default=6, ge=1)
+    topic_retention_ms: int | None = Field(default=None, ge=-1)
 
     # Local broker
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -91,15 +210,21 @@ class Settings(BaseSettings):
     api_db: Path | None = None
     api_keys: SecretStr | None = None
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        yield from super().__repr_args__()
+        yield "librdkafka_properties", redacted(self.librdkafka_properties)
+
     def as_env(self) -> dict[str, str]:
         """The ``ORDERMESH_*`` environment that rebuilds these settings in a child process."""
         env: dict[str, str] = {}
         for name, value in self.model_dump().items():
-            if value is None:
+            if value is None or name == "librdkafka_properties":
                 continue
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             env[f"ORDERMESH_{name.upper()}"] = str(value)
+        for prop, value in self.librdkafka_properties.items():
+            env[env_for_property(prop)] = value
         return env
 
     def client_properties(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from ordermesh.broker.local import LocalCluster
@@ -208,9 +209,12 @@ class Mesh:
             log.info("ports %d-%d are taken; the broker takes free ones", port, last)
             port = 0
         state, self.started_broker = self.cluster.up(nodes=nodes, port=port)
-        self._use_settings(
-            settings.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
-        )
+        update: dict[str, object] = {"bootstrap_servers": state.bootstrap_servers}
+        if state.client_config is not None and settings.command_config is None:
+            # a secured local cluster: instances with data dirs of their own would not
+            # find its client properties under theirs
+            update["command_config"] = Path(state.client_config)
+        self._use_settings(settings.model_copy(update=update))
 
     def _start_database(self) -> None:
         """The configured PostgreSQL, else a local server; then its schema, migrated."""

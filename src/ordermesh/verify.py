@@ -33,6 +33,15 @@ then the topics. Whatever a group committed was in the stores and on the topics 
 either is read; the stores hold nothing the topics read afterwards lack. The checks
 within the inventory DB (conservation, reserved == held) read it with separate
 statements, so they are exact only once its writers are idle.
+
+Deleted, not lost: once retention (or ``delete_records``) removed the start of a topic's
+partition (its low watermark is above 0), what a check needs from that topic may be
+gone. verify then says so, once per partition ("records before offset N of
+orders[p] were deleted by retention: ..."), and counts the checks that need that topic's
+history as ``unverifiable`` instead of violations: a missing outcome event once
+``order-events`` was trimmed, an order the stores hold but ``orders`` no longer has, a
+missing DLQ entry once ``orders-dlq`` was trimmed. The low watermarks are read after the
+topics, so a deletion while verify reads can only widen what is unverifiable.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from ordermesh.config import Settings
 from ordermesh.errors import DecodeError, StoreError
 from ordermesh.kafka.client import kafka_errors
 from ordermesh.kafka.lag import committed_offsets, group_lag
-from ordermesh.kafka.reader import read_topic
+from ordermesh.kafka.reader import end_offsets, read_topic
 from ordermesh.records import ERROR_HEADER_PREFIX, header
 from ordermesh.stores.factory import open_inventory_store, open_order_queries
 from ordermesh.stores.inventory import StockRow
@@ -63,6 +72,8 @@ _T = TypeVar("_T")
 
 # partition -> first offset a consumer group has not committed on one topic
 Committed = dict[int, int]
+# topic name without prefix -> partition -> its low watermark, where above 0
+Deleted = dict[str, dict[int, int]]
 # (group, topic name without prefix) -> its committed offsets
 Progress = dict[tuple[str, str], Committed]
 DbOrders = Mapping[str, tuple[str, tuple[tuple[str, int], ...]]]
@@ -92,6 +103,10 @@ class VerifyReport:
     # checks that wait on records their consumer group has not committed yet
     pending: int = 0
     pending_counts: Counter[str] = field(default_factory=Counter)
+    # checks that need records retention deleted, and what was deleted (one line each)
+    unverifiable: int = 0
+    unverifiable_counts: Counter[str] = field(default_factory=Counter)
+    deleted_by_retention: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     violation_counts: Counter[str] = field(default_factory=Counter)
 
@@ -104,11 +119,15 @@ class VerifyReport:
         if len(self.violations) < MAX_LISTED:
             self.violations.append(f"{kind}: {detail}")
 
-    def judge(self, kind: str, detail: str, *, pending: bool) -> None:
-        """A violation, or (when it depends on unprocessed records) a pending check."""
+    def judge(self, kind: str, detail: str, *, pending: bool, unverifiable: bool = False) -> None:
+        """A violation, or a pending check (it depends on unprocessed records), or an
+        unverifiable one (it depends on records retention deleted)."""
         if pending:
             self.pending += 1
             self.pending_counts[kind] += 1
+        elif unverifiable:
+            self.unverifiable += 1
+            self.unverifiable_counts[kind] += 1
         else:
             self.violate(kind, detail)
 
@@ -131,6 +150,9 @@ class VerifyReport:
             "tracker_missing": self.tracker_missing,
             "tracker_mismatches": self.tracker_mismatches,
             "pending_counts": dict(self.pending_counts),
+            "unverifiable": self.unverifiable,
+            "unverifiable_counts": dict(self.unverifiable_counts),
+            "deleted_by_retention": self.deleted_by_retention,
             "violation_counts": dict(self.violation_counts),
             "violations": self.violations,
         }
@@ -168,6 +190,39 @@ class Observed:
     tracker_unsettled: set[str] = field(default_factory=set)
     # skus of orders records the inventory has not committed
     unsettled_skus: set[str] = field(default_factory=set)
+    # where retention deleted the start of a partition (read after the topics)
+    deleted: Deleted = field(default_factory=dict)
+
+    def trimmed(self, *topics: str) -> bool:
+        """Whether retention deleted records of any of ``topics`` (names without prefix)."""
+        return any(self.deleted.get(topic) for topic in topics)
+
+
+def deleted_lines(deleted: Deleted) -> list[str]:
+    """One line per partition whose start was deleted, saying what can't be checked."""
+    what = {
+        ORDERS: "orders among them can't be checked",
+        COMMANDS: "commands among them can't be checked",
+        EVENTS: "outcomes among them can't be checked",
+        DLQ: "DLQ entries among them can't be checked",
+    }
+    return [
+        f"records before offset {low} of {topic}[{partition}] were deleted by retention:"
+        f" {what[topic]}"
+        for topic in sorted(deleted)
+        for partition, low in sorted(deleted[topic].items())
+    ]
+
+
+def read_deleted(settings: Settings) -> Deleted:
+    """Low watermarks above 0 of the four topics (what retention deleted)."""
+    deleted: Deleted = {}
+    for name in (ORDERS, COMMANDS, EVENTS, DLQ):
+        lows = {p: low for p, (low, _high) in end_offsets(settings, settings.topic(name)).items()}
+        trimmed = {p: low for p, low in lows.items() if low > 0}
+        if trimmed:
+            deleted[name] = trimmed
+    return deleted
 
 
 def read_progress(settings: Settings, groups: Iterable[str]) -> Progress:
@@ -258,6 +313,8 @@ def observe(settings: Settings, progress: Progress | None = None) -> Observed:
         except ValueError:
             continue
         sources[(part, off)] += 1
+    # after the topics: what was deleted meanwhile is counted as deleted, not as missing
+    obs.deleted = read_deleted(settings)
     return obs
 
 
@@ -276,6 +333,9 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
     report.commands_records = obs.commands
     report.cancel_commands = len(obs.cancels)
     report.cancelled = len(obs.cancelled)
+    report.deleted_by_retention = deleted_lines(obs.deleted)
+    events_trimmed = obs.trimmed(EVENTS)
+    dlq_trimmed = obs.trimmed(DLQ)
     inventory_done = obs.inventory_orders_done
     for order_id, (part, off) in obs.valid_orders.items():
         copies = obs.outcomes.get(order_id)
@@ -284,6 +344,7 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 "lost",
                 f"order {order_id} (orders[{part}]@{off}) has no outcome event",
                 pending=_unsettled(inventory_done, part, off),
+                unverifiable=events_trimmed,
             )
             continue
         if len(copies) > 1:
@@ -297,6 +358,7 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 "invalid_not_in_dlq",
                 f"orders[{where[0]}]@{where[1]} has no DLQ entry",
                 pending=_unsettled(inventory_done, *where),
+                unverifiable=dlq_trimmed,
             )
         report.duplicate_dlq += max(0, count - 1)
 
@@ -307,6 +369,7 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 "invalid_command_not_in_dlq",
                 f"order-commands[{where[0]}]@{where[1]} does not decode and has no DLQ entry",
                 pending=_unsettled(commands_done, *where),
+                unverifiable=dlq_trimmed,
             )
     for order_id, part, off in obs.cancels:
         if (
@@ -319,6 +382,7 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 f"cancel of order {order_id} (order-commands[{part}]@{off}) has neither an"
                 " OrderCancelled/CancelRejected event nor a DLQ entry",
                 pending=_unsettled(commands_done, part, off),
+                unverifiable=events_trimmed or dlq_trimmed,
             )
     # an effect the order's outcome rules out: only RESERVED orders are cancelled, and
     # only REJECTED ones refuse a cancel. The outcome may still be missing while its
@@ -331,6 +395,7 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 "cancel_conflicts_outcome",
                 f"order {order_id} was cancelled but never reserved",
                 pending=pending,
+                unverifiable=events_trimmed,
             )
         if order_id in obs.cancel_rejected and not any(
             isinstance(schema.decode_event(copy), schema.OrderRejected)
@@ -340,6 +405,7 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 "cancel_conflicts_outcome",
                 f"order {order_id} refused a cancel (CancelRejected) but was not rejected",
                 pending=pending,
+                unverifiable=events_trimmed,
             )
     for part, off in obs.undecodable_events:
         report.violate("undecodable_event", f"order-events[{part}]@{off} does not decode")
@@ -386,7 +452,12 @@ def check_inventory_db(
                 if status == "RESERVED":
                     held_db[sku] += qty
         if order_id not in obs.valid_orders and order_id not in obs.outcomes:
-            report.violate("unknown_db_order", f"DB has order {order_id} not seen on the topics")
+            report.judge(
+                "unknown_db_order",
+                f"DB has order {order_id} not seen on the topics",
+                pending=False,
+                unverifiable=obs.trimmed(ORDERS),
+            )
     held_events: Counter[str] = Counter()
     event_skus: set[str] = set(obs.released_skus)
     for order_id, reserved in obs.reserved_items.items():
@@ -435,6 +506,7 @@ def check_inventory_db(
                 f"{sku}: reserved {row.reserved} != held by OrderReserved events "
                 f"{held_events.get(sku, 0)}",
                 pending=sku in unsettled,
+                unverifiable=obs.trimmed(EVENTS),
             )
 
 
@@ -500,7 +572,12 @@ def check_tracker(
                 pending=pending,
             )
     for order_id in tracker.keys() - obs.valid_orders.keys():
-        report.violate("tracker_unknown_order", f"tracker has order {order_id} not on the topics")
+        report.judge(
+            "tracker_unknown_order",
+            f"tracker has order {order_id} not on the topics",
+            pending=False,
+            unverifiable=obs.trimmed(ORDERS),
+        )
 
 
 def _read_inventory(settings: Settings) -> tuple[list[StockRow], dict[str, int], DbOrders]:

@@ -9,6 +9,7 @@ import pytest
 from ordermesh import schema
 from ordermesh.schema import ItemQty, OrderRejected, OrderReserved
 from ordermesh.stores.inventory import StockRow
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.verify import Observed, VerifyReport, check, check_tracker
 
 DbOrders = dict[str, tuple[str, tuple[tuple[str, int], ...]]]
@@ -394,3 +395,66 @@ def test_a_rejected_order_may_name_an_unknown_sku() -> None:
     db["o3"] = ("CANCELLED", (("NOPE", 1),))  # but a cancelled one held its stock
     report = check(obs, stock, movements, db)
     assert report.violation_counts["sku_missing_from_db"] == 1
+
+
+# --- deleted by retention: said, not reported as lost ---------------------------------
+
+
+def test_orders_whose_outcomes_retention_deleted_are_unverifiable_not_lost() -> None:
+    obs, stock, movements, db = consistent()
+    # o1's OrderReserved was deleted with the start of order-events[0]
+    del obs.outcomes["o1"]
+    del obs.reserved_items["o1"]
+    obs.deleted = {EVENTS: {0: 40}}
+    report = check(obs, stock, movements, db)
+    assert report.ok, report.violations
+    assert report.unverifiable_counts == {"lost": 1, "reserved_mismatch_events": 1}
+    assert report.deleted_by_retention == [
+        "records before offset 40 of order-events[0] were deleted by retention:"
+        " outcomes among them can't be checked"
+    ]
+    assert report.as_dict()["unverifiable"] == 2
+
+    obs.deleted = {}  # nothing was deleted: the same picture is a lost order
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"lost": 1, "reserved_mismatch_events": 1}
+    assert report.unverifiable == 0 and report.deleted_by_retention == []
+
+
+def test_orders_retention_deleted_from_the_orders_topic_are_not_unknown() -> None:
+    obs, stock, movements, db = consistent()
+    # o0 was decided long ago; its OrderPlaced and its outcome are both gone
+    db["o0"] = ("REJECTED", ())
+    tracker = {**TRACKED, "o0": "REJECTED"}
+    obs.deleted = {ORDERS: {2: 7, 0: 3}, EVENTS: {2: 9}}
+    report = check(obs, stock, movements, db)
+    check_tracker(report, obs, db, tracker)
+    assert report.ok, report.violations
+    assert report.unverifiable_counts == {"unknown_db_order": 1, "tracker_unknown_order": 1}
+    assert report.deleted_by_retention[:2] == [
+        "records before offset 9 of order-events[2] were deleted by retention:"
+        " outcomes among them can't be checked",
+        "records before offset 3 of orders[0] were deleted by retention:"
+        " orders among them can't be checked",
+    ]
+
+    obs.deleted = {}
+    report = check(obs, stock, movements, db)
+    check_tracker(report, obs, db, tracker)
+    assert report.violation_counts == {"unknown_db_order": 1, "tracker_unknown_order": 1}
+
+
+def test_a_trimmed_dlq_makes_missing_dlq_entries_unverifiable() -> None:
+    obs, stock, movements, db = consistent()
+    obs.dlq_sources.clear()  # the bad record's DLQ entry is gone
+    obs.deleted = {DLQ: {0: 1}}
+    report = check(obs, stock, movements, db)
+    assert report.ok and report.unverifiable_counts == {"invalid_not_in_dlq": 1}
+
+
+def test_what_retention_deleted_never_hides_a_db_invariant() -> None:
+    obs, stock, movements, db = consistent()
+    obs.deleted = {ORDERS: {0: 5}, EVENTS: {0: 5}, DLQ: {0: 5}, COMMANDS: {0: 5}}
+    movements["B"] = 6
+    report = check(obs, stock, movements, db)
+    assert report.violation_counts == {"stock_not_conserved": 1}

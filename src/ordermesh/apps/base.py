@@ -18,7 +18,7 @@ def service_runner(
     """
     if spec.group is None:
         raise ValueError(f"{spec.name} consumes nothing: it has no runner")
-    return BatchRunner(
+    runner = BatchRunner(
         settings,
         group=spec.group,
         topics=[settings.topic(t) for t in spec.consumes],
@@ -27,6 +27,8 @@ def service_runner(
         assignment="every-partition" if spec.per_partition_assignment else "group",
         **options,
     )
+    runner.metrics.watch(runner.stats)  # /health reports the runner's own state
+    return runner
 
 
 def run_until_stopped(runner: BatchRunner, idle_exit_s: float | None) -> RunnerStats:

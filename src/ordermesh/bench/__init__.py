@@ -5,7 +5,10 @@
 - ``baseline``: that baseline's stdlib-json decoding, kept out of the inventory core;
 - ``decode``: ``ordermesh bench decode``, decode+validate speed of four JSON stacks;
 - ``api``: ``ordermesh api-bench``, POST throughput and POST -> RESERVED latency of a
-  running API.
+  running API;
+- ``mesh``: ``ordermesh bench mesh``, the whole mesh's drain rate and latency beside
+  Kafka's own ProducerPerformance/ConsumerPerformance (``kafka_tools``), written to
+  ``bench-results/mesh-<time>.json`` and ``docs/performance.md`` (``performance_doc``).
 
 The numbers are measured, never asserted by tests.
 """

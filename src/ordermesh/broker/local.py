@@ -3,8 +3,16 @@
 Each node is a combined broker+controller JVM process started from the cached jars. A
 cluster lives in one directory::
 
-    <root>/cluster.json          nodes, ports, pids, cluster id, bootstrap servers
+    <root>/cluster.json          nodes, ports, pids, cluster id, bootstrap servers, security
     <root>/node-<i>/server.properties, log4j2.properties, kafka.log, data/
+    <root>/client.properties     with ``--security scram-tls``: how clients connect
+    <root>/tls/                  with ``--security scram-tls``: CA (PEM), broker keystore
+
+With ``scram-tls`` the clients' listener is SASL_SSL (SCRAM-SHA-512 users created when the
+nodes are formatted, a certificate signed by a CA made for this cluster), and so is the
+traffic between brokers, which uses the same listener: no port of the cluster serves
+records without a password. The KRaft controller listener stays PLAINTEXT on loopback; it
+carries the quorum's metadata only.
 
 Only PIDs recorded in ``cluster.json`` are ever signalled, and only after checking that
 the process is still the Kafka node we started (PIDs get reused).
@@ -28,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ordermesh.broker.jars import ensure_jars
-from ordermesh.config import Settings
+from ordermesh.broker.tls import Security, SecurityFiles, make_security, write_private
+from ordermesh.config import Settings, read_client_properties
 from ordermesh.errors import BrokerError
 
 log = logging.getLogger(__name__)
@@ -66,10 +75,21 @@ class NodeState:
 class ClusterState:
     cluster_id: str
     nodes: list[NodeState] = field(default_factory=list)
+    security: Security = "none"
+    # the properties file clients need (``scram-tls``); None: plaintext
+    client_config: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
         return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def client_conf(self) -> dict[str, Any]:
+        """librdkafka settings that reach this cluster (bootstrap and, when secured, the
+        properties of ``client_config``)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        if self.client_config is not None:
+            conf.update(read_client_properties(Path(self.client_config)))
+        return conf
 
 
 def free_ports(count: int) -> list[int]:
@@ -145,7 +165,12 @@ class LocalCluster:
         try:
             raw = json.loads(self.state_file.read_text())
             nodes = [NodeState(**n) for n in raw["nodes"]]
-            return ClusterState(cluster_id=raw["cluster_id"], nodes=nodes)
+            return ClusterState(
+                cluster_id=raw["cluster_id"],
+                nodes=nodes,
+                security=raw.get("security", "none"),
+                client_config=raw.get("client_config"),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise BrokerError(f"unreadable cluster state {self.state_file}: {exc}") from exc
 
@@ -153,6 +178,8 @@ class LocalCluster:
         payload = {
             "cluster_id": state.cluster_id,
             "bootstrap_servers": state.bootstrap_servers,
+            "security": state.security,
+            "client_config": state.client_config,
             "nodes": [asdict(n) for n in state.nodes],
         }
         tmp = self.state_file.with_suffix(".tmp")
@@ -176,11 +203,23 @@ class LocalCluster:
 
     # --- start -----------------------------------------------------------------------
 
-    def up(self, nodes: int = 1, port: int | None = None) -> tuple[ClusterState, bool]:
-        """Format and start a cluster; returns (state, started). Idempotent."""
+    def up(
+        self, nodes: int = 1, port: int | None = None, security: Security | None = None
+    ) -> tuple[ClusterState, bool]:
+        """Format and start a cluster; returns (state, started). Idempotent.
+
+        ``security``: ``none`` (plaintext) or ``scram-tls`` for a new cluster; an existing
+        one keeps what it was formatted with (None: whatever that is).
+        """
         if nodes not in (1, 3):
             raise BrokerError(f"--nodes must be 1 or 3, not {nodes}")
         state = self.load_state()
+        if state is not None and security is not None and security != state.security:
+            raise BrokerError(
+                f"the local cluster in {self.root} was formatted with security"
+                f" {state.security}, not {security}; remove it first"
+                " (`ordermesh broker down --purge`)"
+            )
         if state is not None:
             alive = [n for n in state.nodes if self._is_our_process(n)]
             if len(alive) == len(state.nodes):
@@ -200,10 +239,15 @@ class LocalCluster:
         state = ClusterState(
             cluster_id=new_cluster_id(),
             nodes=[NodeState(i + 1, ports[2 * i], ports[2 * i + 1]) for i in range(nodes)],
+            security=security or "none",
         )
         self.root.mkdir(parents=True, exist_ok=True)
+        secured: SecurityFiles | None = None
+        if state.security == "scram-tls":
+            secured = make_security(self.root / "tls")
+            state.client_config = str(secured.client_config)
         for node in state.nodes:
-            self._format_node(state, node)
+            self._format_node(state, node, secured)
         try:
             for node in state.nodes:
                 self._start_node(state, node)
@@ -223,22 +267,28 @@ class LocalCluster:
     def _clean(self) -> None:
         for child in self.root.glob("node-*"):
             shutil.rmtree(child, ignore_errors=True)
+        shutil.rmtree(self.root / "tls", ignore_errors=True)
+        (self.root / "client.properties").unlink(missing_ok=True)
         self.state_file.unlink(missing_ok=True)
 
-    def _properties(self, state: ClusterState, node: NodeState) -> str:
+    def _properties(
+        self, state: ClusterState, node: NodeState, secured: SecurityFiles | None = None
+    ) -> str:
         n = len(state.nodes)
         rf = min(3, n)
         voters = ",".join(f"{x.node_id}@127.0.0.1:{x.controller_port}" for x in state.nodes)
         data = self.node_dir(node.node_id) / "data"
-        props = {
+        # clients and brokers share one listener, named after its protocol
+        listener = "SASL_SSL" if secured is not None else "PLAINTEXT"
+        props: dict[str, object] = {
             "process.roles": "broker,controller",
             "node.id": node.node_id,
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "listeners": f"{listener}://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"{listener}://127.0.0.1:{node.port}",
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": listener,
             "log.dirs": data,
             "num.partitions": 6,
             "default.replication.factor": rf,
@@ -265,12 +315,20 @@ class LocalCluster:
             "log.segment.bytes": 256 * 1024 * 1024,
             "log.retention.hours": 168,
         }
+        if secured is not None:
+            props.update(secured.broker_properties())
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
-    def _format_node(self, state: ClusterState, node: NodeState) -> None:
+    def _format_node(
+        self, state: ClusterState, node: NodeState, secured: SecurityFiles | None = None
+    ) -> None:
         ndir = self.node_dir(node.node_id)
         (ndir / "data").mkdir(parents=True, exist_ok=True)
-        (ndir / "server.properties").write_text(self._properties(state, node))
+        text = self._properties(state, node, secured)
+        if secured is not None:
+            write_private(ndir / "server.properties", text)  # it holds the broker's password
+        else:
+            (ndir / "server.properties").write_text(text)
         (ndir / "log4j2.properties").write_text(_LOG4J2.format(log_file=ndir / "server.log"))
         cmd = [
             *self._java(ndir, heap_mb=256),
@@ -281,6 +339,8 @@ class LocalCluster:
             f"--cluster-id={state.cluster_id}",
             "-c",
             str(ndir / "server.properties"),
+            # the SCRAM users exist from the first start: brokers authenticate to each other
+            *(secured.scram_arguments() if secured is not None else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -336,7 +396,8 @@ class LocalCluster:
         """Block until every broker is registered and answers metadata, or raise."""
         from confluent_kafka.admin import AdminClient
 
-        conf: dict[str, Any] = {"bootstrap.servers": state.bootstrap_servers, "logger": log}
+        conf = state.client_conf()
+        conf["logger"] = log
         admin = AdminClient(conf)
         want = {n.node_id for n in state.nodes}
         end = time.monotonic() + deadline_s
@@ -457,8 +518,8 @@ class LocalCluster:
         if any(n["alive"] for n in nodes):
             from confluent_kafka.admin import AdminClient
 
-            admin = AdminClient({"bootstrap.servers": state.bootstrap_servers, "log_level": 0})
             try:
+                admin = AdminClient({**state.client_conf(), "log_level": 0})
                 md = admin.list_topics(timeout=5)
                 controller = md.controller_id
                 registered = sorted(md.brokers)
@@ -470,6 +531,8 @@ class LocalCluster:
             "healthy": healthy,
             "cluster_id": state.cluster_id,
             "bootstrap_servers": state.bootstrap_servers,
+            "security": state.security,
+            "client_config": state.client_config,
             "controller": controller,
             "registered_brokers": registered,
             "nodes": nodes,

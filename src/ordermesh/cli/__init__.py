@@ -11,6 +11,7 @@ from ordermesh.cli import (  # noqa: F401 - registers commands
     chaos,
     db,
     dlq,
+    health,
     inventory,
     mesh,
     tracker,

@@ -1,15 +1,24 @@
-"""`ordermesh bench ...`: throughput measurements (never asserted by tests)."""
+"""`ordermesh bench ...`: throughput and latency measurements (never asserted by tests)."""
 
 from __future__ import annotations
 
 import json
 import shlex
 import sys
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import typer
 
-from ordermesh.cli.common import app, console, fail, make_settings, status_line
+from ordermesh.cli.common import (
+    AsJson,
+    app,
+    console,
+    err_console,
+    fail,
+    make_settings,
+    status_line,
+)
 from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
 
@@ -120,3 +129,161 @@ def bench_decode_cmd(
     from ordermesh.bench.decode import bench_decode
 
     console.print_json(json.dumps(bench_decode(n)))
+
+
+@bench_app.command("mesh")
+def bench_mesh_cmd(
+    orders: Annotated[
+        int, typer.Option(min=1000, help="Orders of each drain; records of Kafka's tools.")
+    ] = 200_000,
+    rates: Annotated[
+        str,
+        typer.Option(
+            help="Fixed loads of the latency runs, orders/s; 'half': half the first drain's rate."
+        ),
+    ] = "1000,5000,half",
+    inventory: Annotated[
+        str,
+        typer.Option(help="Inventory instance counts to drain with, e.g. 1,3 (>1: --db postgres)."),
+    ] = "1",
+    db: Annotated[
+        Literal["sqlite", "postgres"],
+        typer.Option(help="The mesh's stores: SQLite files, or a fresh local PostgreSQL."),
+    ] = "sqlite",
+    skip: Annotated[
+        str | None,
+        typer.Option(help="Parts to leave out: kafka,python,drain,latency,api."),
+    ] = None,
+    only: Annotated[str | None, typer.Option(help="The only parts to run (as --skip).")] = None,
+    window: Annotated[
+        float, typer.Option(min=1.0, help="Seconds of load measured per latency run.")
+    ] = 20.0,
+    api_orders: Annotated[
+        int, typer.Option(min=10, help="Orders of the API sample (POST, then GET ?wait=).")
+    ] = 300,
+    docs: Annotated[
+        bool | None,
+        typer.Option(
+            "--docs/--no-docs",
+            help="Rewrite docs/performance.md and its chart (default: when every part ran).",
+        ),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The whole mesh against Kafka's own tools: ProducerPerformance/ConsumerPerformance,
+    a bare Python consume loop, the mesh draining a backlog (then verify), and latency at
+    fixed rates, on a throwaway local broker; numbers to bench-results/mesh-<time>.json."""
+    from ordermesh.bench.inventory import parse_instances
+    from ordermesh.bench.mesh import (
+        PARTS,
+        ApiSample,
+        MeshBenchPlan,
+        bench_mesh,
+        parse_parts,
+        parse_rates,
+    )
+    from ordermesh.bench.performance_doc import write_docs
+
+    try:
+        parts = parse_parts(skip, only)
+    except OrderMeshError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--skip/--only") from None
+    try:
+        rate_list = parse_rates(rates)
+    except OrderMeshError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rates") from None
+    try:
+        counts = parse_instances(inventory)
+    except OrderMeshError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--inventory") from None
+    if db == "sqlite" and any(count > 1 for count in counts):
+        raise typer.BadParameter(
+            "more than one inventory instance needs --db postgres (SQLite files are not"
+            " shared between hosts)",
+            param_hint="--inventory",
+        )
+    plan = MeshBenchPlan(
+        orders=orders,
+        rates=tuple(rate_list),
+        inventory=tuple(counts),
+        db=db,
+        parts=parts,
+        window_s=window,
+        api_sample=ApiSample(orders=api_orders),
+    )
+    settings = make_settings()
+    command = shlex.join(["ordermesh", *sys.argv[1:]])
+
+    def step(message: str) -> None:
+        err_console.print(f"[dim]bench mesh:[/dim] {message}", highlight=False)
+
+    try:
+        result = bench_mesh(settings, plan, command=command, on_step=step)
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+    if docs is None:
+        docs = parts == frozenset(PARTS)
+    if docs:
+        result["docs"] = [str(path) for path in write_docs(result, Path("docs"))]
+    if as_json:
+        print(json.dumps(result))
+        return
+    _print_mesh(result)
+
+
+def _print_mesh(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ordermesh.bench.performance_doc import PERCENTILES, by_rate
+
+    def ms(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+    if result["rows"]:
+        table = Table(title="throughput")
+        for column in ("what", "rate", "% of ProducerPerformance"):
+            table.add_column(column, justify="left" if column == "what" else "right")
+        for row in result["rows"]:
+            pct = row["pct_of_producer"]
+            table.add_row(
+                row["what"],
+                f"{row['rate']:,.0f} {row['unit']}",
+                "-" if pct is None else f"{pct:.1f}%",
+            )
+        console.print(table)
+    for run in result.get("drain", []):
+        verdict = "OK" if run["verify"]["ok"] else f"FAILED {run['verify']['violation_counts']}"
+        console.print(
+            f"drain {run['db']}, {run['inventory_instances']} inventory: verify {verdict}",
+            highlight=False,
+        )
+    if result.get("latency"):
+        table = Table(title="created -> decided latency (ms)")
+        for column in ("load/s", "orders", *PERCENTILES, "max", "backlog", "verify"):
+            table.add_column(column, justify="right")
+        for run in by_rate(result["latency"]):
+            lat = run["created_to_event_ms"]
+            table.add_row(
+                f"{run['rate']:,.0f}",
+                f"{run['orders']:,}",
+                *(ms(lat[p]) for p in (*PERCENTILES, "max")),
+                f"{run['backlog_at_load_end']:,}",
+                "OK" if run["verify"]["ok"] else "FAILED",
+            )
+        console.print(table)
+    api = result.get("api")
+    if api:
+        reserved = api["post_to_reserved_ms"]
+        console.print(
+            f"API POST -> RESERVED at {api['background_rate']:,.0f} orders/s background,"
+            f" {api['orders']} orders: "
+            + ", ".join(f"{p} {ms(reserved[p])} ms" for p in PERCENTILES),
+            highlight=False,
+        )
+    for note in result.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"numbers: {result['file']}", highlight=False)
+    for path in result.get("docs", []):
+        console.print(f"wrote {path}", highlight=False)

@@ -6,16 +6,32 @@ module turns them into AdminClient calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from ordermesh.config import Settings
 from ordermesh.errors import TopicError
-from ordermesh.topics import SPECS, EnsureOutcome, TopicReport, TopicSpec, replication_for
+from ordermesh.topics import (
+    COMMANDS,
+    ORDERS,
+    EnsureOutcome,
+    TopicReport,
+    TopicSpec,
+    copartition_warning,
+    judge_topic,
+    replication_for,
+    topic_specs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +74,54 @@ def _wait_visible(
     deadline = time.monotonic() + 15
     while True:
         existing = _describe(admin, list(names.values()))
-        complete = all(existing.get(names[s.name], (0, 0))[0] == s.partitions for s in specs)
+        complete = all(existing.get(names[s.name], (0, 0))[0] >= s.partitions for s in specs)
         if complete or time.monotonic() > deadline:
             return existing
         time.sleep(0.2)
 
 
+def _retention(admin: AdminClient, names: Sequence[str]) -> dict[str, str]:
+    """topic -> its retention.ms (only topics whose configs could be read)."""
+    if not names:
+        return {}
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
+    found: dict[str, str] = {}
+    for resource, future in admin.describe_configs(resources, request_timeout=15).items():
+        try:
+            entry = future.result().get("retention.ms")
+        except Exception as exc:  # noqa: BLE001 - a config we may not read: not compared
+            log.warning("cannot read the configs of topic %s: %s", resource.name, exc)
+            continue
+        if entry is not None and entry.value is not None:
+            found[resource.name] = str(entry.value)
+    return found
+
+
 def ensure_topics(
-    admin: AdminClient, settings: Settings, specs: Sequence[TopicSpec] = SPECS
+    admin: AdminClient, settings: Settings, specs: Sequence[TopicSpec] | None = None
 ) -> list[TopicReport]:
-    """Create missing topics; raise TopicError for any that exist with another shape."""
+    """Create missing topics; raise TopicError for any that exist with a shape the mesh
+    cannot use (``topics.judge_topic``), and report the ones that differ but work.
+
+    ``specs`` default: the mesh's topics with ``settings.topic_partitions``.
+    """
+    if specs is None:
+        specs = topic_specs(settings.topic_partitions)
     brokers = len(admin.list_topics(timeout=10).brokers)
     if brokers == 0:
         raise TopicError("the cluster reports no brokers")
     rf, min_isr = replication_for(brokers)
     names = {spec.name: settings.topic(spec.name) for spec in specs}
     existing = _describe(admin, list(names.values()))
+    config = {"min.insync.replicas": str(min_isr)}
+    if settings.topic_retention_ms is not None:
+        config["retention.ms"] = str(settings.topic_retention_ms)
     to_create = [
         NewTopic(
             names[spec.name],
             num_partitions=spec.partitions,
             replication_factor=rf,
-            config={"min.insync.replicas": str(min_isr)},
+            config=config,
         )
         for spec in specs
         if names[spec.name] not in existing
@@ -95,18 +137,40 @@ def ensure_topics(
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise TopicError(f"could not create topic {name}: {exc}") from exc
         existing = _wait_visible(admin, names, specs)
+    retention = (
+        _retention(admin, [n for n in names.values() if n in existing and n not in created])
+        if settings.topic_retention_ms is not None
+        else {}
+    )
     reports = []
     problems = []
     for spec in specs:
         name = names[spec.name]
         partitions, actual_rf = existing.get(name, (0, 0))
-        if partitions != spec.partitions or actual_rf != rf:
-            problems.append(
-                f"{name}: has {partitions} partitions and RF {actual_rf}, "
-                f"expected {spec.partitions} partitions and RF {rf}"
-            )
+        judged = judge_topic(
+            name,
+            spec,
+            partitions=partitions,
+            replication_factor=actual_rf,
+            expected_rf=rf,
+            retention_ms=retention.get(name),
+            expected_retention_ms=settings.topic_retention_ms,
+        )
+        problems += judged.problems
         outcome: EnsureOutcome = "created" if name in created else "exists"
-        reports.append(TopicReport(name, partitions, actual_rf, outcome))
+        reports.append(TopicReport(name, partitions, actual_rf, outcome, judged.warnings))
     if problems:
         raise TopicError("topics exist with another shape:\n  " + "\n  ".join(problems))
+    counts = {r.name: r.partitions for r in reports}
+    if ORDERS in names and COMMANDS in names:
+        orders, commands = names[ORDERS], names[COMMANDS]
+        warning = copartition_warning((orders, counts[orders]), (commands, counts[commands]))
+        if warning is not None:
+            reports = [
+                dataclasses.replace(r, warnings=[*r.warnings, warning]) if r.name == orders else r
+                for r in reports
+            ]
+    for report in reports:
+        for warning in report.warnings:
+            log.warning("%s", warning)
     return reports

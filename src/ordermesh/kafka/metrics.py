@@ -1,26 +1,127 @@
-"""Prometheus metrics of a ``BatchRunner``, served over HTTP by every service.
+"""Prometheus metrics and ``/health`` of a ``BatchRunner``, served over HTTP by every service.
 
 Counters and histograms are updated once per batch (never per message). Consumer lag per
 partition is sampled in the runner's own loop every few seconds (the consumer is not
 touched from the HTTP thread) and read by a collector at scrape time.
+
+``/health`` reports the runner's own state from its ``RunnerStats`` (plain reads from
+the HTTP thread; the runner never waits for it): 200 while the loop polls and no
+partition is blocked, 503 before the first poll, after ``STALE_AFTER_S`` without one, or
+while a partition is blocked. Container healthchecks call it through ``ordermesh health``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from threading import Thread
-from typing import Any, Final
-from wsgiref.simple_server import WSGIServer
+from typing import Any, Final, Literal, Protocol
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 SECONDS_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# a loop that has not polled for this long is stuck (a poll returns every batch timeout,
+# so only a handler or a commit that hangs gets here)
+STALE_AFTER_S: Final = 30.0
+
+HealthStatus = Literal["ok", "starting", "stale", "blocked"]
+
+
+class RunnerState(Protocol):
+    """What ``/health`` reads of a runner's stats (``runner.RunnerStats``)."""
+
+    last_poll_at: float | None
+    last_commit_at: float | None
+    assigned: set[tuple[str, int]]
+    blocked: dict[tuple[str, int], int]
+
+
+@dataclass(frozen=True)
+class Health:
+    """The state of one service process, as ``/health`` reports it."""
+
+    service: str
+    group: str
+    status: HealthStatus
+    assigned_partitions: list[str]
+    last_poll_age_s: float | None
+    last_commit_age_s: float | None
+    blocked_partitions: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "group": self.group,
+            "status": self.status,
+            "assigned_partitions": self.assigned_partitions,
+            "last_poll_age_s": self.last_poll_age_s,
+            "last_commit_age_s": self.last_commit_age_s,
+            "blocked_partitions": self.blocked_partitions,
+        }
+
+
+def _partition(key: tuple[str, int]) -> str:
+    return f"{key[0]}[{key[1]}]"
+
+
+def _age(at: float | None, now: float) -> float | None:
+    return None if at is None else round(max(0.0, now - at), 3)
+
+
+def _copy_set(items: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    # the runner thread changes these in place; a copy is one C call under the GIL, but
+    # retry rather than ever fail a health request on a concurrent change
+    for _ in range(3):
+        try:
+            return sorted(set(items))
+        except RuntimeError:
+            continue
+    return []
+
+
+def health_of(
+    service: str, group: str, state: RunnerState | None, now: float | None = None
+) -> Health:
+    """The health of a runner from its stats (``state`` None: not watched yet)."""
+    now = time.monotonic() if now is None else now
+    if state is None:
+        return Health(service, group, "starting", [], None, None, {})
+    assigned = _copy_set(state.assigned)
+    blocked = dict(state.blocked)
+    poll_age = _age(state.last_poll_at, now)
+    status: HealthStatus
+    if blocked:
+        status = "blocked"
+    elif poll_age is None:
+        status = "starting"
+    elif poll_age > STALE_AFTER_S:
+        status = "stale"
+    else:
+        status = "ok"
+    return Health(
+        service,
+        group,
+        status,
+        [_partition(key) for key in assigned],
+        poll_age,
+        _age(state.last_commit_at, now),
+        {_partition(key): offset for key, offset in sorted(blocked.items())},
+    )
 
 
 class _LagCollector(Collector):
@@ -109,13 +210,31 @@ class RunnerMetrics:
         )
         r.register(_LagCollector(self))
         self._server: tuple[WSGIServer, Thread] | None = None
+        self._state: RunnerState | None = None
+
+    def watch(self, state: RunnerState) -> None:
+        """Report ``state`` (the runner's stats) on ``/health``."""
+        self._state = state
+
+    def health(self, now: float | None = None) -> Health:
+        return health_of(self.service, self.group, self._state, now)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics on ``host:port`` (0 picks a free port); returns the port."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics and /health on ``host:port`` (0 picks a free port); the port."""
+        app = _wsgi_app(make_wsgi_app(self.registry), self.health)
+        family, _type, _proto, _name, _addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )[0]
+
+        class _Server(ThreadingWSGIServer):
+            address_family = family
+
+        server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        thread = Thread(target=server.serve_forever, name=f"{self.service}-http", daemon=True)
+        thread.start()
         self._server = (server, thread)
         bound = int(server.server_address[1])
-        log.info("%s: metrics on http://%s:%d/metrics", self.service, host, bound)
+        log.info("%s: metrics and health on http://%s:%d/", self.service, host, bound)
         return bound
 
     def stop(self) -> None:
@@ -145,6 +264,35 @@ class RunnerMetrics:
         self.batch_size.labels(svc).observe(sum(records_by_topic.values()))
         self.handle_seconds.labels(svc).observe(handle_s)
         self.produce_seconds.labels(svc).observe(produce_s)
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Healthchecks every few seconds are not worth a log line each."""
+
+
+def _wsgi_app(metrics_app: WsgiApp, health: Callable[[], Health]) -> WsgiApp:
+    """``/health`` as JSON, everything else as Prometheus' own app serves it."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "").rstrip("/") != "/health":
+            return metrics_app(environ, start_response)
+        report = health()
+        body = json.dumps(report.as_dict()).encode()
+        start_response(
+            "200 OK" if report.ok else "503 Service Unavailable",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body] if environ.get("REQUEST_METHOD") != "HEAD" else []
+
+    return app
 
 
 def scrape_text(metrics: RunnerMetrics) -> str:

@@ -63,6 +63,9 @@ from ordermesh.topics import DLQ, SPECS
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 2
+# how long an idle runner waits for a record while batches still await their acks (short:
+# their offsets commit as soon as the acks arrive)
+ACK_WAIT_S = 0.005
 LAG_SAMPLE_EVERY_S = 2.0
 SUMMARY_EVERY_S = 10.0
 # how long a stop may wait for acknowledgements before it gives up on them
@@ -103,6 +106,7 @@ class RunnerStats:
     # monotonic times of the first batch's start and the last successful commit
     first_batch_at: float | None = None
     last_commit_at: float | None = None
+    last_poll_at: float | None = None
     assigned: set[tuple[str, int]] = field(default_factory=set)
     # (topic, partition) -> offset of the record that blocks it
     blocked: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -313,8 +317,9 @@ class BatchRunner:
         try:
             while not self._stop.is_set():
                 t0 = time.monotonic()
-                msgs = self.consumer.consume(num_messages=self.max_batch, timeout=self.timeout)
+                msgs = self._fetch()
                 now = time.monotonic()
+                self.stats.last_poll_at = now
                 if msgs:
                     self.stats.poll_seconds += now - t0
                     records, poison = self._records(msgs)
@@ -358,6 +363,22 @@ class BatchRunner:
         finally:
             self.close()
         return self.stats
+
+    def _fetch(self) -> list[Any]:
+        """The next batch: what is fetched already, at once; only when nothing is, wait
+        (up to ``batch_timeout_s``) for the first record, and take it with whatever came
+        along. A record never waits for a batch to fill: at low rates batches are small
+        and quick, under a backlog they are full (``batch_max``)."""
+        consumer = self.consumer
+        msgs: list[Any] = consumer.consume(num_messages=self.max_batch, timeout=0)
+        if msgs:
+            return msgs
+        wait = ACK_WAIT_S if self.commits.batches else self.timeout
+        # a batch of one returns as soon as one record is there
+        first: list[Any] = consumer.consume(num_messages=1, timeout=wait)
+        if not first or self.max_batch == 1:
+            return first
+        return first + list(consumer.consume(num_messages=self.max_batch - 1, timeout=0))
 
     def _records(self, msgs: list[Any]) -> tuple[list[InRecord], list[InRecord]]:
         """The decodable records of ``msgs`` and the undecodable ones (to dead-letter)."""

@@ -216,7 +216,7 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
 
         def step(record: InRecord, task: OrderPlaced | OrderEvent, body_hash: bytes) -> None:
             if isinstance(task, OrderPlaced):
-                self._place(state, task, body_hash, record.where())
+                self._place(state, task, body_hash, record)
             else:
                 self._event(state, task, record.value or b"", record.where())
 
@@ -304,33 +304,36 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
 
     # --- orders and events --------------------------------------------------------------
 
-    def _place(self, state: _Batch, order: OrderPlaced, body_hash: bytes, where: str) -> None:
+    def _place(self, state: _Batch, order: OrderPlaced, body_hash: bytes, record: InRecord) -> None:
         order_id = order.order_id
         known = state.orders.get(order_id)
         if known is not None:
             if known.body_hash is not None and known.body_hash != body_hash:
                 # another order under a used id: never overwrite what is tracked
                 state.stats.conflicts += 1
-                state.first_conflict = state.first_conflict or f"{where}: order {order_id}"
+                where = f"{record.where()}: order {order_id}"
+                state.first_conflict = state.first_conflict or where
             else:
                 state.stats.duplicates += 1  # redelivery: the first copy stands
             return
+        created_at = order.created_at
+        # positional, in column order: this runs once per order
         state.orders[order_id] = TrackedOrder(
-            order_id=order_id,
-            customer_id=order.customer_id,
-            status="PLACED",
-            items=encode_items((i.sku, i.quantity, i.unit_price) for i in order.items),
-            total=order.total,
-            currency=order.currency,
-            created_at=order.created_at,
-            placed_at=state.now,
-            decided_at=None,
-            cancelled_at=None,
-            reason=None,
-            detail=None,
-            updated_at=order.created_at,
-            seq=1,
-            body_hash=body_hash,
+            order_id,
+            order.customer_id,
+            "PLACED",
+            encode_items([(i.sku, i.quantity, i.unit_price) for i in order.items]),
+            order.total,
+            order.currency,
+            created_at,
+            state.now,
+            None,  # decided_at
+            None,  # cancelled_at
+            None,  # reason
+            None,  # detail
+            created_at,  # updated_at
+            1,  # seq
+            body_hash,
         )
         state.placed.add(order_id)
         state.history.add((order_id, "OrderPlaced"))
