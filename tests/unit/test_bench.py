@@ -1,7 +1,11 @@
-"""The inventory benchmark's baseline: stdlib-json decoding in front of the unchanged core."""
+"""The inventory benchmark's baseline: stdlib-json decoding in front of the unchanged core;
+its CPU counters."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +14,7 @@ import pytest
 
 from ordermesh import schema
 from ordermesh.bench.baseline import StdlibDecoding, decode_order_stdlib
+from ordermesh.bench.inventory import _machine_busy_s, _tree_cpu_s
 from ordermesh.errors import DecodeError
 from ordermesh.stores.sqlite_inventory import SqliteInventoryStore
 from tests.unit.test_inventory_service import (
@@ -59,3 +64,15 @@ def test_stdlib_decoding_hands_the_batch_to_the_core(store: SqliteInventoryStore
     out = handler.handle([placed(order("o1", ("A", 2))), rec(ORDERS, b"nope", b"o2")])
     assert [r.topic for r in out] == [service.events_topic, DLQ]
     assert service.stats.reserved == 1 and service.stats.dlq == 1
+
+
+def test_cpu_of_a_process_tree_counts_its_finished_children_and_the_machine_its_cores() -> None:
+    me, machine = _tree_cpu_s(os.getpid()), _machine_busy_s()
+    assert me is not None and machine is not None
+    # a child that spins for 0.3 s of CPU and is reaped counts into its parent's tree
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True, timeout=60)
+    after = _tree_cpu_s(os.getpid())
+    assert after is not None and after - me >= 0.25
+    assert (_machine_busy_s() or 0.0) - machine >= 0.25
+    assert _tree_cpu_s(2**31 - 1) is None  # no such process

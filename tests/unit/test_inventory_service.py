@@ -9,10 +9,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ordermesh import schema
@@ -28,8 +29,8 @@ from ordermesh.schema import (
     OrderReserved,
     StockReleased,
 )
-from ordermesh.services.inventory import DUPLICATE_ORDER_ID, InventoryService
-from ordermesh.stores.inventory import MAX_STOCK, StockRow
+from ordermesh.services.inventory import DUPLICATE_ORDER_ID, InventoryService, _still_holds
+from ordermesh.stores.inventory import MAX_STOCK, KnownOrder, StockRow
 from ordermesh.stores.postgres_inventory import PostgresInventoryStore
 from ordermesh.stores.sqlite_inventory import SqliteInventoryStore
 from tests.store_backends import BACKENDS, migrated_database
@@ -613,6 +614,173 @@ def test_two_instances_in_threads_serialize_on_the_db(opener: Callable[[], Store
         assert reserved == 100  # exactly the seeded stock, never more
         assert store.stock("A") == [StockRow("A", 0, 100)]
         check_invariants(store)
+
+
+def interleaved(
+    store: Store, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[], object]
+) -> None:
+    """Run ``meanwhile`` (another instance's batch) right after the first ``load_stock``
+    of ``store``: between the core's reads without locks and its transaction."""
+    read = store.load_stock
+    calls = itertools.count()
+
+    def load_stock(skus: object) -> dict[str, StockRow]:
+        rows = read(skus)  # type: ignore[arg-type]
+        if next(calls) == 0:
+            meanwhile()
+        return rows
+
+    monkeypatch.setattr(store, "load_stock", load_stock)
+
+
+def test_stock_taken_between_the_read_and_the_locks_is_decided_again(
+    opener: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with opener() as mine, opener() as theirs:
+        mine.seed({"A": 3, "B": 10})
+        interleaved(
+            mine, monkeypatch, lambda: service_for(theirs).handle([placed(order("x1", ("A", 2)))])
+        )
+        batch = [
+            placed(order("o1", ("A", 2))),
+            placed(order("o2", ("A", 1))),
+            placed(order("o3", ("B", 1))),
+        ]
+        service = service_for(mine)
+        out = service.handle(batch)
+
+        # read without locks, A had 3: o1 and o2 fitted; locked, A has 1 left
+        first, second, third = events(out)
+        assert isinstance(first, OrderRejected) and "available 1" in first.detail
+        assert isinstance(second, OrderReserved) and isinstance(third, OrderReserved)
+        assert stock_of(mine) == {"A": (0, 3), "B": (9, 1)}
+        assert service.stats.reserved == 2 and service.stats.rejected == {"OUT_OF_STOCK": 1}
+        # what was stored is what was emitted
+        assert [r.value for r in service_for(mine, now=9.0).handle(batch)] == [r.value for r in out]
+        check_invariants(mine)
+
+
+def test_stock_moved_between_the_read_and_the_locks_is_not_lost(
+    opener: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with opener() as mine, opener() as theirs:
+        mine.seed({"A": 10})
+        service = service_for(mine)
+        service.handle([placed(order("p0", ("A", 1)))])
+        interleaved(
+            mine, monkeypatch, lambda: service_for(theirs).handle([placed(order("x1", ("A", 4)))])
+        )
+        out = service.handle(
+            [placed(order("o1", ("A", 2))), cancel("p0"), placed(order("o2", ("A", 3)))]
+        )
+
+        assert [type(e).__name__ for e in events(out)] == [
+            "OrderReserved",
+            "StockReleased",
+            "OrderCancelled",
+            "OrderReserved",
+        ]
+        # 10 - p0 (cancelled) - x1 - o1 - o2: the other instance's 4 units are kept
+        assert stock_of(mine) == {"A": (1, 9)}
+        check_invariants(mine)
+
+
+def test_an_order_recorded_meanwhile_by_another_instance_is_answered_with_its_bytes(
+    opener: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with opener() as mine, opener() as theirs:
+        mine.seed({"A": 10})
+        batch = [placed(order("o1", ("A", 2)))]
+        # after a rebalance both instances see o1; the other one commits it first
+        recorded: list[OutRecord] = []
+        interleaved(
+            mine, monkeypatch, lambda: recorded.extend(service_for(theirs, now=2.0).handle(batch))
+        )
+        service = service_for(mine, now=1.0)
+        out = service.handle(batch)
+
+        assert [r.value for r in out] == [r.value for r in recorded]
+        assert service.stats.conflicts == 1 and service.stats.duplicates == 1
+        assert stock_of(mine) == {"A": (8, 2)}
+        check_invariants(mine)
+
+
+stock_row = st.one_of(
+    st.none(), st.tuples(st.integers(0, 8), st.integers(0, 4))
+)  # (available, reserved) of a sku, or no such sku
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seen_rows=st.fixed_dictionaries({sku: stock_row for sku in SKUS}),
+    moved=st.fixed_dictionaries({sku: stock_row for sku in SKUS}),
+    moves=st.sets(st.sampled_from(SKUS)),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("order"),
+                st.integers(0, 9),
+                st.lists(
+                    st.tuples(st.sampled_from(SKUS), st.integers(1, 4)), min_size=1, max_size=3
+                ),
+            ),
+            st.tuples(st.just("cancel"), st.integers(0, 9)),
+        ),
+        max_size=10,
+    ),
+)
+def test_decisions_said_to_hold_on_the_locked_rows_are_the_ones_taken_on_them(
+    seen_rows: dict[str, tuple[int, int] | None],
+    moved: dict[str, tuple[int, int] | None],
+    moves: set[str],
+    ops: list[tuple[object, ...]],
+) -> None:
+    """The batch is decided on stock read without locks; the locked rows (``moves``
+    changed by another instance in between) keep those decisions only if deciding
+    again on them gives the same events, rows and stock changes."""
+
+    def rows(values: dict[str, tuple[int, int] | None]) -> dict[str, StockRow]:
+        return {sku: StockRow(sku, *v) for sku, v in values.items() if v is not None}
+
+    seen = rows(seen_rows)
+    # an sku once there stays there; a moved one may appear or change its figures
+    locked = rows({sku: moved[sku] if sku in moves else seen_rows[sku] for sku in SKUS})
+    for sku, row in seen.items():
+        locked.setdefault(sku, row)
+    # earlier decided orders o0..o4: RESERVED on the seen stock's skus (cancellable)
+    known = {
+        f"o{n}": KnownOrder("RESERVED", ((sku, 1),), b"{}", None, None)
+        for n, sku in enumerate(sorted(seen))
+    }
+    service = service_for(cast(Store, None))
+    work: list[Any] = []
+    for item in ops:
+        if item[0] == "order":
+            items = item[2]
+            assert isinstance(items, list)
+            o = order(f"o{item[1]}", *items)
+            work.append((placed(o), o, schema.order_fingerprint(o)))
+        else:
+            command = CancelOrder(order_id=f"o{item[1]}", requested_at=900.0, reason="")
+            work.append((cancel(f"o{item[1]}"), command, b""))
+    try:
+        planned = service._run(work, known, seen, 1000.0)
+    except StoreError:  # a cancel of an order whose sku the seen stock lacks
+        return
+    holds = _still_holds(planned, seen, locked)
+    event(f"holds={holds} moved={locked != seen} rejected={bool(planned.stats.rejected)}")
+    if not holds:
+        return
+    again = service._run(work, known, locked, 1000.0)
+    assert again.out == planned.out
+    assert again.decided() == planned.decided()
+    assert again.cancellations == planned.cancellations
+    for sku in planned.changed | again.changed:
+        moved_by = [a - b for a, b in zip(locked[sku][1:], seen[sku][1:], strict=True)]
+        assert again.stock[sku] == [
+            planned.stock[sku][0] + moved_by[0],
+            planned.stock[sku][1] + moved_by[1],
+        ]
 
 
 def test_batch_of_only_dead_letters_does_not_lock_the_db(

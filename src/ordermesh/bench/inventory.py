@@ -20,7 +20,10 @@ until then), so the time is again first batch (of any instance) to last commit (
 instance), and the run ends once the group's lag is 0. A local PostgreSQL is started for
 each configuration (fresh, as the same order ids come again; durable settings: fsync and
 synchronous_commit on, as SQLite runs with ``synchronous=FULL``), then stopped and
-purged. Numbers go to ``bench-results/inventory-postgres-<time>.json``.
+purged. Numbers go to ``bench-results/inventory-postgres-<time>.json``, with the CPU
+seconds the instances, the PostgreSQL server and the whole machine spent from the gate
+to lag 0: on a machine that runs other work too, they tell a configuration that was
+slow from one that was starved.
 """
 
 from __future__ import annotations
@@ -272,8 +275,9 @@ class _GatedConsumer:
 
 class _TimedStore:
     """An ``InventoryStore`` that times its transactions, how long each waited for its row
-    locks and how long it held them (PostgreSQL locks a batch's stock rows in
-    ``load_stock``, queueing behind any other transaction holding one, until the commit)."""
+    locks and how long it held them (PostgreSQL locks a batch's stock rows in the
+    transaction's ``load_stock``, queueing behind any other transaction holding one, until
+    the commit; a ``load_stock`` outside a transaction locks nothing)."""
 
     def __init__(self, store: InventoryStore) -> None:
         self._store = store
@@ -281,12 +285,14 @@ class _TimedStore:
         self.transaction_s = 0.0
         self.lock_wait_s = 0.0
         self.lock_hold_s = 0.0
+        self._in_transaction = False
         self._locked_at: float | None = None
 
     @contextmanager
     def _timed(self) -> Iterator[None]:
         start = time.perf_counter()
         self._locked_at = None
+        self._in_transaction = True
         try:
             with self._store.transaction():
                 yield
@@ -297,6 +303,7 @@ class _TimedStore:
             if self._locked_at is not None:
                 self.lock_hold_s += end - self._locked_at
             self._locked_at = None
+            self._in_transaction = False
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._timed()
@@ -304,7 +311,7 @@ class _TimedStore:
     def load_stock(self, skus: Collection[str]) -> dict[str, StockRow]:
         start = time.perf_counter()
         rows = self._store.load_stock(skus)
-        if self._locked_at is None:
+        if self._in_transaction and self._locked_at is None:
             self._locked_at = time.perf_counter()
             self.lock_wait_s += self._locked_at - start
         return rows
@@ -317,6 +324,9 @@ class _TimedStore:
 
     def insert_orders(self, orders: Iterable[NewOrder]) -> None:
         self._store.insert_orders(orders)
+
+    def update_orders(self, orders: Iterable[NewOrder]) -> None:
+        self._store.update_orders(orders)
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
         self._store.insert_cancellations(cancellations)
@@ -370,7 +380,14 @@ def _instance_main(
             consumer=cast(Any, consumer),
         )
 
+        cpu_at_gate: list[float] = []
+
         def stop_when_told() -> None:
+            # the gate may never open (the bench failed before): the stop still counts
+            while not stop.is_set():
+                if gate.wait(0.05):
+                    cpu_at_gate.append(time.process_time())
+                    break
             stop.wait()
             runner.request_stop()
 
@@ -379,6 +396,7 @@ def _instance_main(
             stats = runner.run()
         finally:
             store.close()
+        cpu_s = time.process_time() - cpu_at_gate[0] if cpu_at_gate else 0.0
         reports.put(
             {
                 "slot": slot,
@@ -397,11 +415,57 @@ def _instance_main(
                 "lock_hold_s": round(store.lock_hold_s, 3),
                 "conflict_retries": service.stats.conflicts,
                 "reserved": service.stats.reserved,
+                # every thread of the process (librdkafka's too), from the gate to the stop
+                "cpu_s": round(cpu_s, 3),
             }
         )
     except BaseException as exc:
         reports.put({"slot": slot, "error": f"{type(exc).__name__}: {exc}"})
         raise
+
+
+def _clock_ticks() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 100
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``; Linux only)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    # user, nice, system, (idle, iowait,) irq, softirq; guest time is in user already
+    user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[:7])
+    return (user + nice + system + irq + softirq) / _clock_ticks()
+
+
+def _tree_cpu_s(root: int) -> float | None:
+    """CPU seconds of process ``root`` (a PostgreSQL postmaster), its live children and
+    its reaped ones (``/proc``; Linux only; None if it is gone)."""
+    total = 0
+    found = False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # the command name may hold spaces and parentheses: fields start after the last ")"
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid, ppid = int(entry.name), int(fields[1])
+        if pid == root:
+            found = True
+            total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        elif ppid == root:
+            total += int(fields[11]) + int(fields[12])
+    return total / _clock_ticks() if found else None
+
+
+def _cpu_since(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 3)
 
 
 def _wait_for(
@@ -448,9 +512,13 @@ def _run_group(
     instances: int,
     orders: int,
     skus: int,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
     """``instances`` inventory processes in one group over one database, on fresh topics:
-    join and settle, produce ``orders``, open the gate, wait for the group's lag to be 0."""
+    join and settle, produce ``orders``, open the gate, wait for the group's lag to be 0.
+
+    CPU seconds from the gate to lag 0 are counted for the instances, the PostgreSQL
+    server (``server_pid``, its postmaster) and the whole machine (where ``/proc`` is)."""
     settings = base.model_copy(
         update={
             "topic_prefix": f"bench-{label}-{uuid.uuid4().hex[:6]}-",
@@ -498,6 +566,8 @@ def _run_group(
             seed=1,
             skus=skus,
         )
+        machine_before = _machine_busy_s()
+        server_before = _tree_cpu_s(server_pid) if server_pid is not None else None
         gate.set()
         opened = time.monotonic()
         drain_s = max(120.0, orders / 500)
@@ -515,6 +585,10 @@ def _run_group(
             lambda: not any(group_lag(settings, "inventory", topics).values()),
         )
         lag_zero_s = time.monotonic() - opened
+        machine_cpu_s = _cpu_since(machine_before, _machine_busy_s())
+        server_cpu_s = _cpu_since(
+            server_before, _tree_cpu_s(server_pid) if server_pid is not None else None
+        )
     finally:
         stop.set()
         end = time.monotonic() + REPORT_DEADLINE_S
@@ -573,6 +647,15 @@ def _run_group(
         # instances' transactions took turns on shared rows
         "locks_held_per_s": round(sum(r["lock_hold_s"] for r in results) / seconds, 2),
         "lock_wait_s": round(sum(r["lock_wait_s"] for r in results), 3),
+        # CPU seconds from the gate to lag 0 (the instances' up to their stop), next to
+        # what the machine's cores could give in that time: the rest of the busy time is
+        # the broker, this process and whatever else runs on the machine
+        "cpu_s": {
+            "instances": round(sum(r["cpu_s"] for r in results), 3),
+            "postgres": server_cpu_s,
+            "machine_busy": machine_cpu_s,
+            "machine_capacity": round(lag_zero_s * _cpus(), 3),
+        },
         "per_instance": per_instance,
     }
 
@@ -656,6 +739,7 @@ def bench_inventory_postgres(
                         instances=count,
                         orders=orders,
                         skus=skus,
+                        server_pid=state.pid,
                     )
                 )
             finally:

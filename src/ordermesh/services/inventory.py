@@ -9,13 +9,22 @@ changes nothing.
 Choices worth knowing:
 
 - The whole batch is one store transaction (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: row
-  locks on its stock); outputs are returned only after COMMIT. Decoding happens before
-  the transaction to keep the locks short.
+  locks on its stock); outputs are returned only after COMMIT.
+- Locks are short: instances sharing a database take turns on the stock rows of the hot
+  skus, which nearly every batch holds, so only what must be atomic runs under them. The
+  batch is decoded and decided *before* the transaction, on the known orders and the
+  stock as read without locks. The transaction inserts the decided orders (no stock
+  locked yet), then locks the stock rows and checks that the decisions still hold on
+  them (``_still_holds``: they do unless a row that moved in between decided a
+  rejection or no longer covers what the batch reserves of it). Then it only applies
+  the batch's stock changes to the locked rows and commits. Otherwise (another instance
+  moved scarce stock in between) the batch is decided again on the locked rows and the
+  orders whose decision changed are rewritten.
 - A transaction that loses to another instance sharing the database (``StoreConflictError``:
   a deadlock, or an order or cancel another instance recorded first) was rolled back; the
   batch is decided again from scratch (fresh ``_Batch``, everything re-read), a few times
   with a jittered pause, before the error is let through.
-- One decision time (``clock()``) per batch: the batch is decided atomically.
+- One decision time (``clock()``) per attempt: the batch is decided atomically.
 - "Known" means same order_id *and* same body (``schema.order_fingerprint``, stored
   with the decision). An order_id reused for another body is not a redelivery: it goes to
   the DLQ (stage ``place``, class ``DuplicateOrderId``) and changes nothing, rather than
@@ -36,8 +45,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -60,6 +68,7 @@ from ordermesh.services.base import StoreService, describe_dead_letter
 from ordermesh.stores.inventory import (
     InventoryStore,
     Items,
+    KnownOrder,
     NewCancellation,
     NewOrder,
     OrderStatus,
@@ -129,18 +138,30 @@ class _Order:
 
 
 class _Batch:
-    """Mutable state of one batch inside its transaction."""
+    """Mutable state of one batch decided on given known orders and stock."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, stock: Mapping[str, StockRow]) -> None:
         self.now = now
         self.out: list[OutRecord] = []
         self.orders: dict[str, _Order] = {}
-        self.stock: dict[str, list[int]] = {}  # sku -> [available, reserved]
+        # sku -> [available, reserved]
+        self.stock: dict[str, list[int]] = {
+            sku: [row.available, row.reserved] for sku, row in stock.items()
+        }
         self.changed: set[str] = set()
+        # what the decisions rest on (see _still_holds): units per sku that had to be
+        # available (reserved, or checked before an order fell short on another sku), and
+        # the skus whose exact figure (or absence) decided a rejection
+        self.needs: dict[str, int] = {}
+        self.pinned: set[str] = set()
         self.new_orders: list[str] = []
         self.cancellations: list[NewCancellation] = []
         self.stats = InventoryStats(batches=1)
         self.first_dlq: str | None = None
+
+    def decided(self) -> dict[str, NewOrder]:
+        """The rows of the orders decided in this batch, in batch order."""
+        return {oid: new for oid in self.new_orders if (new := self.orders[oid].new) is not None}
 
 
 class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand]):
@@ -238,42 +259,82 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         raise AssertionError("unreachable")
 
     def _decide(self, work: list[_Work], order_ids: set[str], skus: set[str]) -> _Batch:
-        """Decide the batch in one transaction; its state once committed."""
-        state = _Batch(self._clock())
-        # a batch of nothing but dead letters must not wait for the shared database's lock
-        with self.store.transaction() if order_ids else nullcontext():
-            for order_id, known in self.store.load_orders(order_ids).items():
-                state.orders[order_id] = _Order(
-                    known.status,
-                    known.items,
-                    known.outcome,
-                    known.cancel_outcome,
-                    None,
-                    known.body_hash,
-                )
-                if known.status == "RESERVED":
-                    # a cancel in this batch may release stock of skus no order here uses
-                    skus.update(sku for sku, _ in known.items)
-            for row in self.store.load_stock(skus).values():
-                state.stock[row.sku] = [row.available, row.reserved]
-
-            def step(
-                record: InRecord, task: OrderPlaced | CancelOrder | OutRecord, body_hash: bytes
-            ) -> None:
-                if isinstance(task, OrderPlaced):
-                    self._place(state, record, task, body_hash)
-                elif isinstance(task, CancelOrder):
-                    self._cancel(state, record, task)
-                else:
-                    self._add_dlq(state, record, task)
-
-            self.apply_guarded(work, step, lambda record, dlq: self._add_dlq(state, record, dlq))
-
-            self.store.update_stock(StockRow(sku, *state.stock[sku]) for sku in state.changed)
-            self.store.insert_orders(
-                new for oid in state.new_orders if (new := state.orders[oid].new) is not None
-            )
+        """Decide the batch and record it in one transaction; its state once committed."""
+        now = self._clock()
+        if not order_ids:
+            # nothing but dead letters: nothing to read, nothing to write
+            return self._run(work, {}, {}, now)
+        # read and decide without locks: the per-order work must not hold up other instances
+        known = self.store.load_orders(order_ids)
+        for order in known.values():
+            if order.status == "RESERVED":
+                # a cancel in this batch may release stock of skus no order here uses
+                skus.update(sku for sku, _ in order.items)
+        seen = self.store.load_stock(skus)
+        planned = self._run(work, known, seen, now)
+        if not (planned.new_orders or planned.cancellations or planned.changed):
+            # redeliveries only: every answer comes from committed rows, nothing to write
+            return planned
+        with self.store.transaction():
+            # the orders before the stock locks: an order another instance recorded
+            # meanwhile fails the attempt here, before it made anybody wait
+            rows = planned.decided()
+            self.store.insert_orders(rows.values())
+            # the stock rows stay locked from here to the commit
+            locked = self.store.load_stock(skus)
+            if _still_holds(planned, seen, locked):
+                state = planned
+                changes = [
+                    StockRow(
+                        sku,
+                        locked[sku].available + state.stock[sku][0] - seen[sku].available,
+                        locked[sku].reserved + state.stock[sku][1] - seen[sku].reserved,
+                    )
+                    for sku in state.changed
+                ]
+            else:
+                # the stock moved under scarce orders: decide again on the locked rows
+                state = self._run(work, known, locked, now)
+                again = state.decided()
+                if again.keys() != rows.keys():
+                    # both runs see the same known orders, so they decide the same orders
+                    raise RuntimeError("inventory: the batch decided again names other orders")
+                self.store.update_orders(new for oid, new in again.items() if new != rows[oid])
+                changes = [StockRow(sku, *state.stock[sku]) for sku in state.changed]
+            self.store.update_stock(changes)
             self.store.insert_cancellations(state.cancellations)
+        return state
+
+    def _run(
+        self,
+        work: list[_Work],
+        known: Mapping[str, KnownOrder],
+        stock: Mapping[str, StockRow],
+        now: float,
+    ) -> _Batch:
+        """Decide every record of the batch on ``known`` orders and ``stock``; no I/O."""
+        state = _Batch(now, stock)
+        for order_id, order in known.items():
+            state.orders[order_id] = _Order(
+                order.status,
+                order.items,
+                order.outcome,
+                order.cancel_outcome,
+                None,
+                order.body_hash,
+            )
+
+        def step(
+            record: InRecord, task: OrderPlaced | CancelOrder | OutRecord, body_hash: bytes
+        ) -> None:
+            if isinstance(task, OrderPlaced):
+                self._place(state, record, task, body_hash)
+            elif isinstance(task, CancelOrder):
+                self._cancel(state, record, task)
+            else:
+                self._add_dlq(state, record, task)
+
+        self.apply_guarded(work, step, lambda record, dlq: self._add_dlq(state, record, dlq))
         return state
 
     # --- orders ------------------------------------------------------------------------
@@ -302,18 +363,23 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         stock = state.stock
         reason: RejectReason | None = None
         detail = ""
+        needs = state.needs
         unknown = [sku for sku in needed if sku not in stock]
         if unknown:
             reason = "UNKNOWN_SKU"
             shown = ", ".join(repr(sku) for sku in unknown[:5])
             more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
             detail = f"unknown sku {shown}{more}"
+            state.pinned.update(unknown)
         else:
-            for sku, quantity in items:
+            for index, (sku, quantity) in enumerate(items):
                 available = stock[sku][0]
                 if available < quantity:
                     reason = "OUT_OF_STOCK"
                     detail = f"sku {sku!r}: needed {quantity}, available {available}"
+                    state.pinned.add(sku)
+                    for checked, units in items[:index]:
+                        needs[checked] = needs.get(checked, 0) + units
                     break
 
         status: OrderStatus
@@ -322,6 +388,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
                 row = stock[sku]
                 row[0] -= quantity
                 row[1] += quantity
+                needs[sku] = needs.get(sku, 0) + quantity
             state.changed.update(needed)
             status = "RESERVED"
             outcome = schema.encode(
@@ -424,3 +491,24 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         state.stats.dlq += 1
         if state.first_dlq is None:
             state.first_dlq = describe_dead_letter(record, dlq)
+
+
+def _still_holds(
+    planned: _Batch, seen: Mapping[str, StockRow], locked: Mapping[str, StockRow]
+) -> bool:
+    """Whether deciding the batch again on the ``locked`` stock rows would take exactly
+    the decisions ``planned`` took on the ``seen`` ones (and so emit the same bytes).
+
+    Only rows that moved in between matter. A moved sku keeps every decision when no
+    rejection rests on its figure (an out-of-stock detail names it) or on its absence,
+    and its locked ``available`` covers every unit the batch needed of it: then, order by
+    order, each check on it passes again (cancels only add units), and the orders'
+    events carry no stock figure of it.
+    """
+    for sku in seen.keys() | locked.keys():
+        row = locked.get(sku)
+        if row == seen.get(sku):
+            continue
+        if row is None or sku in planned.pinned or row.available < planned.needs.get(sku, 0):
+            return False
+    return True

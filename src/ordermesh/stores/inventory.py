@@ -16,9 +16,12 @@ What an implementation keeps (every backend the same):
 - one row per cancelled order with the exact bytes of its two events (``StockReleased``,
   ``OrderCancelled``); the order's status says CANCELLED.
 
-Several inventory instances may share one database: the core runs each batch inside
-``transaction()``, which must make its read-check-write atomic across processes (SQLite:
-``BEGIN IMMEDIATE``; PostgreSQL: row locks or SERIALIZABLE).
+Several inventory instances may share one database. The core reads a batch's known
+orders and stock without locks, decides, and then writes inside ``transaction()``, which
+must make the write-check atomic across processes (SQLite: ``BEGIN IMMEDIATE``;
+PostgreSQL: the stock rows locked by ``load_stock``): it inserts the orders first (an
+order another instance recorded meanwhile is a ``StoreConflictError``), then loads the
+stock again inside the transaction and checks its decisions against it.
 """
 
 from __future__ import annotations
@@ -116,8 +119,9 @@ def check_restock(sku: str, quantity: int, held: int | None) -> None:
 class InventoryStore(Protocol):
     """The inventory database, used by one thread at a time.
 
-    Failures of the database raise ``StoreError``; the batch primitives must be called
-    inside ``transaction()`` (writes outside one raise ``StoreError``) and see its writes.
+    Failures of the database raise ``StoreError``; the batch primitives that write must
+    be called inside ``transaction()`` (writes outside one raise ``StoreError``), and
+    reads inside one see its writes.
     """
 
     # --- the core's batch: one transaction, set-based reads and writes -----------------
@@ -130,21 +134,37 @@ class InventoryStore(Protocol):
         ...
 
     def load_stock(self, skus: Collection[str]) -> dict[str, StockRow]:
-        """Stock rows of the given skus; unknown skus are absent."""
+        """Stock rows of the given skus; unknown skus are absent.
+
+        Inside ``transaction()`` the rows stay locked against other instances until the
+        end of the transaction (taken in one global order, so overlapping batches queue
+        instead of deadlocking); outside one, a plain read.
+        """
         ...
 
     def load_orders(self, order_ids: Collection[str]) -> dict[str, KnownOrder]:
-        """Already decided orders among ``order_ids``, with their stored outcome bytes."""
+        """Already decided orders among ``order_ids``, with their stored outcome bytes
+        (inside or outside ``transaction()``)."""
         ...
 
     def update_stock(self, rows: Iterable[StockRow]) -> None:
         """Write final ``available``/``reserved`` values of existing skus."""
         ...
 
-    def insert_orders(self, orders: Iterable[NewOrder]) -> None: ...
+    def insert_orders(self, orders: Iterable[NewOrder]) -> None:
+        """Record new decisions; ``StoreConflictError`` if any of these orders is already
+        recorded (another instance decided it meanwhile: the batch must be run again)."""
+        ...
+
+    def update_orders(self, orders: Iterable[NewOrder]) -> None:
+        """Replace status, reason and outcome of orders this transaction inserted."""
+        ...
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
-        """Record cancellations; orders already stored as RESERVED become CANCELLED."""
+        """Record cancellations; orders already stored as RESERVED become CANCELLED.
+
+        ``StoreConflictError`` if any of them is already recorded.
+        """
         ...
 
     # --- operator commands (each its own transaction) ----------------------------------

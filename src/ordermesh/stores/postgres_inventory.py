@@ -2,21 +2,31 @@
 ``stores/inventory.py`` (what is kept) and ``stores/postgres.py`` (pool, migrations).
 
 Tables as in SQLite (``stock``, ``stock_movements``, ``orders``, ``cancellations``), in
-the ``inventory`` schema. How N instances on N hosts stay correct:
+the ``inventory`` schema. How N instances on N hosts stay correct, and why they do not
+wait for each other long:
 
-- The core runs a batch in one ``transaction()`` (READ COMMITTED). ``load_stock`` locks
-  the batch's stock rows with ``SELECT ... ORDER BY sku FOR UPDATE``: every instance
-  takes its locks in the same global order, so two batches over overlapping skus queue
-  up instead of deadlocking, and each reads the stock as the previous one left it.
-- A decision is recorded with ``INSERT ... ON CONFLICT (order_id) DO NOTHING``. If an
-  instance that saw the same order (a rebalance hands a partition over while a batch is
-  in flight) stored it first, fewer rows come back: ``StoreConflictError``, the batch
-  rolls back and the core runs it again from scratch, which re-reads the order and
-  re-emits the stored bytes. Cancellations alike (``cancellations``' primary key).
+- The core reads a batch's known orders and stock without locks and decides on them;
+  then it runs one ``transaction()`` (READ COMMITTED) that inserts the orders, locks the
+  batch's stock rows, checks its decisions against the locked rows and writes the stock.
+- A decision is recorded with ``INSERT ... ON CONFLICT (order_id) DO NOTHING``, before any
+  stock row is locked. If an instance that saw the same order (a rebalance hands a
+  partition over while a batch is in flight) stored it first, fewer rows are inserted:
+  ``StoreConflictError``, the batch rolls back and the core runs it again from scratch,
+  which re-reads the order and re-emits the stored bytes. Cancellations alike
+  (``cancellations``' primary key). Two instances inserting the same orders insert them
+  in ``order_id`` order, so the second waits for the first instead of deadlocking.
+- ``load_stock`` inside the transaction locks the rows with
+  ``SELECT ... ORDER BY sku FOR UPDATE``: every instance takes its locks in the same
+  global order, so two batches over overlapping skus queue up instead of deadlocking.
+  The locks are taken last and held only for the check, one ``UPDATE`` and the commit:
+  hot skus are in nearly every batch, so this hold time is what instances take turns on
+  (and why the statements that take or read the locks are shaped as they are, below).
 - A deadlock or serialization failure anyway (an operator's restock, a lock order not
   foreseen) is a ``StoreConflictError`` too: the same whole-batch retry.
-- Every batch statement is set-based (``= ANY(array)`` reads, ``unnest`` writes): a batch
-  costs the same handful of round trips whatever its size.
+- Every batch statement is set-based (reads joined with an array, ``unnest`` writes),
+  its arrays sent in binary (a text ``bytea[]`` of 5000 outcomes costs the server more to
+  parse than the insert itself): a batch costs the same handful of round trips whatever
+  its size.
 """
 
 from __future__ import annotations
@@ -92,29 +102,65 @@ MIGRATIONS: Final = (
     ),
 )
 
+# Joins with the sku array, not ``sku = ANY(...)``. psycopg prepares a statement that
+# runs often, and PostgreSQL's generic plan for it then tests ``sku = ANY($1)`` by a pass
+# over the whole array for every row (only a constant array gets a hash). That pass also
+# runs again for every row another instance updated while this one waited for its lock
+# (READ COMMITTED re-checks such a row against the query): about 25 ms per batch of 900
+# skus, spent holding the rows locked so far. Joined, a re-check is one comparison.
+_LOAD_STOCK: Final = """
+    SELECT s.sku, s.available, s.reserved
+    FROM unnest(%b::text[]) AS k (sku) JOIN stock AS s ON s.sku = k.sku
+"""
+# sorted locks: two instances over overlapping skus queue up, never deadlock
+_LOCK_STOCK: Final = _LOAD_STOCK + " ORDER BY s.sku FOR UPDATE OF s"
+# One index probe per id, whatever the statistics say: planned as a join (or as
+# ``order_id = ANY(...)``), a batch's 5000 ids made the planner scan the whole table
+# whenever its statistics lagged behind its growth (a fresh or fast-growing table), and
+# that scan grows with every order ever decided. LIMIT 1 keeps the subqueries from being
+# flattened into such a join.
+_LOAD_ORDERS: Final = """
+    SELECT o.order_id, o.status, o.items, o.outcome, c.released, c.cancelled, o.body_hash
+    FROM unnest(%b::text[]) AS k (order_id)
+    CROSS JOIN LATERAL (SELECT * FROM orders WHERE orders.order_id = k.order_id LIMIT 1) AS o
+    LEFT JOIN LATERAL (
+        SELECT released, cancelled FROM cancellations
+        WHERE cancellations.order_id = o.order_id LIMIT 1
+    ) AS c ON true
+"""
+# %b: binary parameters. ORDER BY: inserting in order_id order, two instances that insert
+# the same orders wait for each other rather than deadlock.
 _INSERT_ORDERS: Final = """
     INSERT INTO orders (order_id, status, reason, items, outcome, decided_at, source, body_hash)
     SELECT * FROM unnest(
-        %s::text[], %s::text[], %s::text[], %s::text[], %s::bytea[], %s::float8[],
-        %s::text[], %s::bytea[]
+        %b::text[], %b::text[], %b::text[], %b::text[], %b::bytea[], %b::float8[],
+        %b::text[], %b::bytea[]
     ) ORDER BY 1
     ON CONFLICT (order_id) DO NOTHING
-    RETURNING order_id
+"""
+_UPDATE_ORDERS: Final = """
+    UPDATE orders SET status = v.status, reason = v.reason, outcome = v.outcome
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::bytea[])
+        AS v (order_id, status, reason, outcome)
+    WHERE orders.order_id = v.order_id
 """
 _INSERT_CANCELLATIONS: Final = """
     INSERT INTO cancellations (order_id, released, cancelled, at, source)
-    SELECT * FROM unnest(%s::text[], %s::bytea[], %s::bytea[], %s::float8[], %s::text[])
+    SELECT * FROM unnest(%b::text[], %b::bytea[], %b::bytea[], %b::float8[], %b::text[])
     ORDER BY 1
     ON CONFLICT (order_id) DO NOTHING
-    RETURNING order_id
+"""
+_UPDATE_STOCK: Final = """
+    UPDATE stock SET available = v.available, reserved = v.reserved
+    FROM unnest(%b::text[], %b::bigint[], %b::bigint[]) AS v (sku, available, reserved)
+    WHERE stock.sku = v.sku
 """
 
 
-def _lost(what: str, wanted: list[str], stored: Iterable[tuple[str]]) -> StoreConflictError:
-    missing = sorted(set(wanted) - {row[0] for row in stored})
+def _lost(what: str, wanted: int, stored: int) -> StoreConflictError:
     return StoreConflictError(
-        f"inventory db: {len(missing)} {what} recorded meanwhile by another instance"
-        f" (first: {missing[0]!r}); the batch is run again"
+        f"inventory db: {wanted - stored} of {wanted} {what} recorded meanwhile by another"
+        " instance; the batch is run again"
     )
 
 
@@ -229,31 +275,21 @@ class PostgresInventoryStore:
             order_id: OrderOutcome(status, decode_items(items)) for order_id, status, items in rows
         }
 
-    # --- batch primitives for the service (call inside transaction()) -----------------
+    # --- batch primitives for the service (writes inside transaction()) ---------------
 
     def load_stock(self, skus: Collection[str]) -> dict[str, StockRow]:
         if not skus:
             return {}
-        # sorted locks: two instances over overlapping skus queue up, never deadlock
-        lock = " ORDER BY sku FOR UPDATE" if self._db.in_transaction else ""
+        query = _LOCK_STOCK if self._db.in_transaction else _LOAD_STOCK
         with self._db.reader("load stock") as conn:
-            rows = conn.execute(
-                "SELECT sku, available, reserved FROM stock WHERE sku = ANY(%s)" + lock,
-                (list(skus),),
-            ).fetchall()
+            rows = conn.execute(query, (list(skus),)).fetchall()
         return {row[0]: StockRow(*row) for row in rows}
 
     def load_orders(self, order_ids: Collection[str]) -> dict[str, KnownOrder]:
         if not order_ids:
             return {}
         with self._db.reader("load orders") as conn:
-            rows = conn.execute(
-                "SELECT o.order_id, o.status, o.items, o.outcome, c.released, c.cancelled,"
-                " o.body_hash"
-                " FROM orders o LEFT JOIN cancellations c ON c.order_id = o.order_id"
-                " WHERE o.order_id = ANY(%s)",
-                (list(order_ids),),
-            ).fetchall()
+            rows = conn.execute(_LOAD_ORDERS, (list(order_ids),)).fetchall()
         known: dict[str, KnownOrder] = {}
         for order_id, status, items, outcome, released, cancelled, body_hash in rows:
             cancel = None if released is None else (bytes(released), bytes(cancelled))
@@ -270,9 +306,7 @@ class PostgresInventoryStore:
         conn = self._db.writer()
         with self._db.translate("update stock"):
             conn.execute(
-                "UPDATE stock SET available = v.available, reserved = v.reserved"
-                " FROM unnest(%s::text[], %s::bigint[], %s::bigint[])"
-                " AS v (sku, available, reserved) WHERE stock.sku = v.sku",
+                _UPDATE_STOCK,
                 (
                     [row.sku for row in ordered],
                     [row.available for row in ordered],
@@ -281,16 +315,15 @@ class PostgresInventoryStore:
             )
 
     def insert_orders(self, orders: Iterable[NewOrder]) -> None:
-        rows = list(orders)
+        rows = sorted(orders)  # by order_id: the server's sort then finds them in order
         if not rows:
             return
         conn = self._db.writer()
-        ids = [o.order_id for o in rows]
         with self._db.translate("insert orders"):
-            stored = conn.execute(
+            inserted = conn.execute(
                 _INSERT_ORDERS,
                 (
-                    ids,
+                    [o.order_id for o in rows],
                     [o.status for o in rows],
                     [o.reason for o in rows],
                     [encode_items(o.items) for o in rows],
@@ -299,18 +332,34 @@ class PostgresInventoryStore:
                     [o.source for o in rows],
                     [o.body_hash for o in rows],
                 ),
-            ).fetchall()
-        if len(stored) != len(rows):
-            raise _lost("orders", ids, stored)
+            ).rowcount
+        if inserted != len(rows):
+            raise _lost("orders", len(rows), inserted)
+
+    def update_orders(self, orders: Iterable[NewOrder]) -> None:
+        rows = sorted(orders)
+        if not rows:
+            return
+        conn = self._db.writer()
+        with self._db.translate("update orders"):
+            conn.execute(
+                _UPDATE_ORDERS,
+                (
+                    [o.order_id for o in rows],
+                    [o.status for o in rows],
+                    [o.reason for o in rows],
+                    [o.outcome for o in rows],
+                ),
+            )
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
-        rows = list(cancellations)
+        rows = sorted(cancellations)
         if not rows:
             return
         conn = self._db.writer()
         ids = [c.order_id for c in rows]
         with self._db.translate("insert cancellations"):
-            stored = conn.execute(
+            inserted = conn.execute(
                 _INSERT_CANCELLATIONS,
                 (
                     ids,
@@ -319,11 +368,11 @@ class PostgresInventoryStore:
                     [c.at for c in rows],
                     [c.source for c in rows],
                 ),
-            ).fetchall()
-            if len(stored) != len(rows):
-                raise _lost("cancellations", ids, stored)
+            ).rowcount
+            if inserted != len(rows):
+                raise _lost("cancellations", len(rows), inserted)
             conn.execute(
                 "UPDATE orders SET status = 'CANCELLED'"
-                " WHERE order_id = ANY(%s) AND status = 'RESERVED'",
+                " WHERE order_id = ANY(%b::text[]) AND status = 'RESERVED'",
                 (ids,),
             )

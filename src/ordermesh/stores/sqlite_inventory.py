@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Final
 
+from ordermesh.errors import StoreConflictError
 from ordermesh.stores.inventory import (
     KnownOrder,
     NewCancellation,
@@ -192,7 +193,7 @@ class SqliteInventoryStore:
             order_id: OrderOutcome(status, decode_items(items)) for order_id, status, items in rows
         }
 
-    # --- batch primitives for the service (call inside transaction()) -----------------
+    # --- batch primitives for the service (writes inside transaction()) ---------------
 
     def load_stock(self, skus: Collection[str]) -> dict[str, StockRow]:
         rows = self._db.select_in(
@@ -225,23 +226,39 @@ class SqliteInventoryStore:
         )
 
     def insert_orders(self, orders: Iterable[NewOrder]) -> None:
+        rows = [
+            (
+                o.order_id,
+                o.status,
+                o.reason,
+                encode_items(o.items),
+                o.outcome,
+                o.decided_at,
+                o.source,
+                o.body_hash,
+            )
+            for o in orders
+        ]
+        if not rows:
+            return
+        conn = self._db.writer()
+        with self._db.translate("insert orders"):
+            inserted = conn.executemany(
+                "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at,"
+                " source, body_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (order_id) DO NOTHING",
+                rows,
+            ).rowcount
+        if inserted != len(rows):
+            # the core read the known orders before this transaction: another process on
+            # this file decided some of them meanwhile
+            raise _lost("orders", len(rows), inserted)
+
+    def update_orders(self, orders: Iterable[NewOrder]) -> None:
         self._db.write_many(
-            "insert orders",
-            "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at, source,"
-            " body_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    o.order_id,
-                    o.status,
-                    o.reason,
-                    encode_items(o.items),
-                    o.outcome,
-                    o.decided_at,
-                    o.source,
-                    o.body_hash,
-                )
-                for o in orders
-            ],
+            "update orders",
+            "UPDATE orders SET status = ?, reason = ?, outcome = ? WHERE order_id = ?",
+            [(o.status, o.reason, o.outcome, o.order_id) for o in orders],
         )
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
@@ -250,12 +267,21 @@ class SqliteInventoryStore:
             return
         conn = self._db.writer()
         with self._db.translate("insert cancellations"):
+            inserted = conn.executemany(
+                "INSERT INTO cancellations (order_id, released, cancelled, at, source)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING",
+                rows,
+            ).rowcount
+            if inserted != len(rows):
+                raise _lost("cancellations", len(rows), inserted)
             conn.executemany(
                 "UPDATE orders SET status = 'CANCELLED' WHERE order_id = ? AND status = 'RESERVED'",
                 [(c.order_id,) for c in rows],
             )
-            conn.executemany(
-                "INSERT INTO cancellations (order_id, released, cancelled, at, source)"
-                " VALUES (?, ?, ?, ?, ?)",
-                rows,
-            )
+
+
+def _lost(what: str, wanted: int, stored: int) -> StoreConflictError:
+    return StoreConflictError(
+        f"inventory db: {wanted - stored} of {wanted} {what} recorded meanwhile by another"
+        " process; the batch is run again"
+    )
