@@ -76,7 +76,6 @@ SLICE_S: Final = 0.01
 # A paced run that fell behind catches up by at most this much work at once.
 MAX_BURST_S: Final = 0.1
 MAX_CHUNK: Final = 1000
-PACED_LINGER_MS: Final = 1
 FLUSH_TIMEOUT_S: Final = 60.0
 PROGRESS_EVERY_S: Final = 0.25
 
@@ -321,10 +320,7 @@ def run_load(
         else:
             failed += 1
 
-    # a paced load is about latency: its records leave within 1 ms instead of lingering
-    # for a fuller batch (as fast as possible, batches fill anyway)
-    overrides = {"linger.ms": PACED_LINGER_MS} if rate is not None else {}
-    producer = Producer(make_producer(settings, on_delivery=on_delivery, **overrides))
+    producer = Producer(make_producer(settings, on_delivery=on_delivery))
     start = time.monotonic()
     deadline = start + duration if duration is not None else math.inf
     bucket = _TokenBucket(rate, start) if rate is not None else None

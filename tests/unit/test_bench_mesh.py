@@ -29,7 +29,12 @@ from ordermesh.bench.mesh import (
     throughput_rows,
     window_latencies,
 )
-from ordermesh.bench.performance_doc import render_markdown, write_chart, write_docs
+from ordermesh.bench.performance_doc import (
+    NOTES_HEADING,
+    render_markdown,
+    write_chart,
+    write_docs,
+)
 from ordermesh.cli import app
 from ordermesh.errors import ConfigError, OrderMeshError
 
@@ -250,6 +255,16 @@ def test_the_chart_is_an_svg_that_a_rerun_writes_alike(tmp_path: Path) -> None:
 def test_docs_are_the_page_and_its_chart(tmp_path: Path) -> None:
     written = write_docs(_result(), tmp_path)
     assert sorted(p.name for p in written) == ["performance.md", "performance.svg"]
+
+
+def test_a_rerun_keeps_the_hand_written_findings(tmp_path: Path) -> None:
+    page = tmp_path / "performance.md"
+    write_docs(_result(), tmp_path)
+    generated = page.read_text()
+    findings = f"\n{NOTES_HEADING}\n\nThe tracker is the bottleneck.\n"
+    page.write_text("stale numbers" + findings)
+    write_docs(_result(), tmp_path)
+    assert page.read_text() == generated + findings
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -228,28 +227,3 @@ def test_a_record_that_breaks_the_core_is_dead_lettered(
         assert header(out.headers, ERROR_HEADER_PREFIX + "stage") == b"process"
         assert header(out.headers, ERROR_HEADER_PREFIX + "class") == b"ZeroDivisionError"
         assert service.stats.dlq == 1
-
-
-def test_checkpoints_run_off_the_commit_path(tmp_path: Path) -> None:
-    """Commits leave the WAL alone; the background checkpointer copies it into the file."""
-    path = tmp_path / "ckpt.db"
-    db = SqliteDatabase(
-        path,
-        name="ckpt",
-        migrations=[Migration("t", statements("CREATE TABLE t (v BLOB NOT NULL)"))],
-    )
-    try:
-        conn = db.connection()
-        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
-        start_size = path.stat().st_size
-        for _ in range(4):  # 4 commits of 1 MiB: far past the 1000-page autocheckpoint mark
-            with db.transaction():
-                db.write_many("fill", "INSERT INTO t (v) VALUES (?)", [(b"x" * 4096,)] * 256)
-        # nothing in this thread checkpoints: the file grows only by the checkpointer
-        deadline = time.monotonic() + 10
-        while path.stat().st_size < start_size + 4_000_000 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert path.stat().st_size >= start_size + 4_000_000
-    finally:
-        db.close()
-    assert db._checkpointer is None

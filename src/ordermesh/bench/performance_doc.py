@@ -14,6 +14,8 @@ from typing import Any, Final
 
 DOC_NAME: Final = "performance.md"
 CHART_NAME: Final = "performance.svg"
+# the page's hand-written part starts at this heading and survives reruns
+NOTES_HEADING: Final = "## Findings (hand-written; kept when the page is regenerated)"
 PERCENTILES: Final = ("p50", "p95", "p99")
 
 
@@ -371,6 +373,17 @@ def write_docs(result: Mapping[str, Any], docs_dir: Path) -> list[Path]:
         # matplotlib comes with the dev extra; the page stands without its chart
         chart = None
     page = docs_dir / DOC_NAME
-    page.write_text(render_markdown(result, chart=chart))
+    page.write_text(render_markdown(result, chart=chart) + kept_notes(page))
     written.append(page)
     return written
+
+
+def kept_notes(page: Path) -> str:
+    """The hand-written part of an existing page: from the ``NOTES_HEADING`` line on
+    (findings, before/after comparisons), which a rerun keeps as it is."""
+    try:
+        text = page.read_text()
+    except OSError:
+        return ""
+    at = text.find(f"\n{NOTES_HEADING}\n")
+    return "" if at < 0 else text[at:]

@@ -62,7 +62,10 @@ from ordermesh.topics import DLQ, SPECS
 
 log = logging.getLogger(__name__)
 
+# batches handled while earlier ones await their acks: at most this many records' worth
+# of full batches, and at most this many batches (small ones at low rates)
 MAX_IN_FLIGHT = 2
+MAX_IN_FLIGHT_BATCHES = 64
 # how long an idle runner waits for a record while batches still await their acks (short:
 # their offsets commit as soon as the acks arrive)
 ACK_WAIT_S = 0.005
@@ -409,7 +412,7 @@ class BatchRunner:
 
         ``poison``: records that cannot be decoded; they skip the handler and go to the
         DLQ. Pipelined: while the acks of a batch are outstanding the next batch is
-        handled, and at most ``MAX_IN_FLIGHT`` batches wait. Commits stay in batch order.
+        handled, within ``_in_flight_full``. Commits stay in batch order.
         """
         t0 = time.perf_counter()
         if self.stats.first_batch_at is None:
@@ -426,7 +429,7 @@ class BatchRunner:
         self.producer.poll(0)
         self.commits.add(records, delivery)
         if self.pipelined:
-            self._settle(wait=len(self.commits.batches) > MAX_IN_FLIGHT)
+            self._settle(wait=self._in_flight_full())
         else:
             # flush sends at once instead of waiting linger.ms; bounded, as the broker may
             # be down (the drain below keeps waiting, under the stop deadline)
@@ -447,6 +450,20 @@ class BatchRunner:
         st.last_batch_size = len(records)
         st.handle_seconds += t1 - t0
         st.produce_seconds += t2 - t1
+
+    def _in_flight_full(self) -> bool:
+        """True when no further batch may be handled before the oldest is acknowledged:
+        ``MAX_IN_FLIGHT`` full batches' worth of records, or ``MAX_IN_FLIGHT_BATCHES``."""
+        batches = self.commits.batches
+        if len(batches) > MAX_IN_FLIGHT_BATCHES:
+            return True
+        limit = MAX_IN_FLIGHT * self.max_batch
+        waiting = 0
+        for batch in batches:
+            waiting += len(batch.records)
+            if waiting > limit:
+                return True
+        return False
 
     def _dead_letter_undecodable(self, rec: InRecord) -> OutRecord:
         reason = header(rec.headers, UNDECODABLE_HEADER) or b"headers not decodable"

@@ -12,10 +12,6 @@ top of it; this module is the only place that decides how a file is opened:
   so a read-check-write inside it is atomic across processes; the busy timeout makes
   several instances sharing one file take turns.
 - Every ``sqlite3.Error`` surfaces as a ``StoreError`` naming the database and the step.
-- Checkpoints (copying the WAL back into the file) run in a background thread of the
-  read-write opener every ``CHECKPOINT_EVERY_S``, on a connection of their own, instead of
-  inside whichever commit crosses SQLite's 1000-page mark: that commit would otherwise
-  also write and fsync the database file, a latency spike on the service's hot path.
 
 Migrations: each store has an ordered list of ``Migration`` steps; the database records
 how many have been applied in ``PRAGMA user_version`` (0 in a new file, and in files of
@@ -46,7 +42,6 @@ Synchronous = Literal["NORMAL", "FULL"]
 # below both and keeps the statement small enough to be cached and reused.
 IN_CHUNK: Final = 500
 BUSY_TIMEOUT_S: Final = 30.0
-CHECKPOINT_EVERY_S: Final = 1.0
 
 
 class Migration(NamedTuple):
@@ -82,43 +77,6 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(version)
 
 
-class _Checkpointer:
-    """A daemon thread checkpointing one WAL file every ``every_s`` (PASSIVE: it never
-    waits for, nor blocks, the readers and the writer)."""
-
-    def __init__(self, path: Path, label: str, every_s: float) -> None:
-        self._path = path
-        self._label = label
-        self._every_s = every_s
-        self._stop = threading.Event()
-        self._failed = False
-        self._thread = threading.Thread(target=self._run, name=f"checkpoint {label}", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._every_s):
-            self.checkpoint()
-
-    def checkpoint(self) -> None:
-        try:
-            conn = sqlite3.connect(str(self._path), timeout=1.0, isolation_level=None)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            # busy (another process checkpoints) or gone: the next round tries again
-            if not self._failed:
-                logger.warning("%s: checkpoint failed: %s (retrying)", self._label, exc)
-            self._failed = True
-        else:
-            self._failed = False
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-
 def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(values), IN_CHUNK):
         yield values[start : start + IN_CHUNK]
@@ -152,7 +110,6 @@ class SqliteDatabase:
         # may be called from a thread pool (the API) or handed to a worker thread
         self.lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
-        self._checkpointer: _Checkpointer | None = None
 
     @property
     def label(self) -> str:
@@ -165,8 +122,6 @@ class SqliteDatabase:
         with self.lock:
             if self._conn is None:
                 self._conn = self._open()
-                if not self.readonly and self._checkpointer is None:
-                    self._checkpointer = _Checkpointer(self.path, self.label, CHECKPOINT_EVERY_S)
             return self._conn
 
     def _open(self) -> sqlite3.Connection:
@@ -215,7 +170,6 @@ class SqliteDatabase:
         # produced and whose offsets were committed. With one commit per batch the fsync
         # costs little; NORMAL is for stores whose writes are safe to lose (see api.db).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread does it
 
     def _check_version(self, version: int) -> None:
         latest = len(self.migrations)
@@ -250,9 +204,6 @@ class SqliteDatabase:
 
     def close(self) -> None:
         with self.lock:
-            if self._checkpointer is not None:
-                self._checkpointer.stop()
-                self._checkpointer = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
