@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # An HTTP client waits for our answer: give up on a record after this long (librdkafka's
 # default is 5 minutes) and answer 503 instead.
 DELIVERY_TIMEOUT_MS: Final = 10_000
+# The API answers a request per record, so batching helps only under concurrency; a
+# shorter linger than the services' keeps a single POST fast.
+LINGER_MS: Final = 2
 POLL_INTERVAL_S: Final = 0.05
 
 
@@ -42,7 +45,9 @@ class AsyncProducer:
         self._producer = (
             Producer(producer)
             if producer is not None
-            else Producer.create(settings, **{"message.timeout.ms": DELIVERY_TIMEOUT_MS})
+            else Producer.create(
+                settings, **{"linger.ms": LINGER_MS, "message.timeout.ms": DELIVERY_TIMEOUT_MS}
+            )
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="api-producer-poll", daemon=True)
