@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ def order_bodies(count: int, *, skus: int = 1000, seed: int = 1) -> list[bytes]:
     return bodies
 
 
-def _headers(settings: Settings) -> dict[str, str]:
+def api_headers(settings: Settings) -> dict[str, str]:
+    """The headers of a benchmark's POST: JSON, and the first API key when keys are set."""
     headers = {"content-type": "application/json"}
     keys = sorted(settings.api_key_set())
     if keys:
@@ -55,16 +57,22 @@ def _headers(settings: Settings) -> dict[str, str]:
 
 
 def percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
-    """p50/p90/p99/max of ``values`` (seconds) in milliseconds, nearest rank."""
+    """p50/p90/p95/p99/max of ``values`` (seconds) in milliseconds, nearest rank."""
     if not values:
-        return {"p50": None, "p90": None, "p99": None, "max": None}
+        return {"p50": None, "p90": None, "p95": None, "p99": None, "max": None}
     ordered = sorted(values)
 
     def rank(q: float) -> float:
-        index = min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))
+        index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
         return round(ordered[index] * 1000, 2)
 
-    return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "max": rank(1.0)}
+    return {
+        "p50": rank(0.50),
+        "p90": rank(0.90),
+        "p95": rank(0.95),
+        "p99": rank(0.99),
+        "max": rank(1.0),
+    }
 
 
 class HttpConnection:
@@ -170,7 +178,7 @@ def bench_api(
 ) -> dict[str, Any]:
     """POST /orders requests/s (answers are 202 only after Kafka's ack)."""
     bodies = order_bodies(requests, skus=skus, seed=seed)
-    result = asyncio.run(_throughput(base_url, bodies, concurrency, _headers(settings)))
+    result = asyncio.run(_throughput(base_url, bodies, concurrency, api_headers(settings)))
     log.info(
         "POST /orders: %.0f req/s at concurrency %d, p50 %s ms, p99 %s ms",
         result["requests_per_s"],
@@ -181,9 +189,11 @@ def bench_api(
     return result
 
 
-async def _latency(
+async def post_then_read(
     base_url: str, bodies: list[bytes], rate: float, headers: dict[str, str]
 ) -> dict[str, Any]:
+    """POST each body at ``rate``/s, then read its order with ``GET ?wait=`` until it is
+    decided: POST-ack, POST->RESERVED and POST->decided times, and the outcomes."""
     outcomes: Counter[str] = Counter()
     acked: list[float] = []
     reserved: list[float] = []
@@ -263,7 +273,7 @@ def bench_latency(
     if rate <= 0:
         raise ValueError("rate must be positive")
     bodies = order_bodies(count, skus=skus, seed=seed)
-    result = asyncio.run(_latency(base_url, bodies, rate, _headers(settings)))
+    result = asyncio.run(post_then_read(base_url, bodies, rate, api_headers(settings)))
     log.info(
         "POST -> RESERVED at %.0f/s: p50 %s ms, p99 %s ms",
         rate,

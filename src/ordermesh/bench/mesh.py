@@ -54,18 +54,15 @@ import platform
 import tempfile
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple, get_args
 
-import msgspec
-
 from ordermesh import schema
 from ordermesh.bench import kafka_tools
-from ordermesh.bench.api import HttpConnection, order_bodies
+from ordermesh.bench.api import api_headers, order_bodies, percentiles_ms, post_then_read
 from ordermesh.bench.inventory import bench_cluster
 from ordermesh.broker.jars import ensure_jars
 from ordermesh.config import Settings
@@ -181,19 +178,6 @@ def resolve_rates(rates: Sequence[Rate], drain_rate: float | None) -> tuple[list
 
 
 # --- pure measurements -----------------------------------------------------------------
-
-
-def percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99/max of ``values`` (seconds) in milliseconds, nearest rank."""
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "max": None}
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-        return round(ordered[index] * 1000, 1)
-
-    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99), "max": rank(1.0)}
 
 
 def mean_record_bytes(skus: int = DEFAULT_SKUS, sample: int = SIZE_SAMPLE) -> int:
@@ -734,77 +718,6 @@ def outcome_stamps(settings: Settings) -> Iterator[OutcomeStamp]:
             )
 
 
-def _api_headers(settings: Settings) -> dict[str, str]:
-    headers = {"content-type": "application/json"}
-    keys = sorted(settings.api_key_set())
-    if keys:
-        headers["x-api-key"] = keys[0]
-    return headers
-
-
-async def _api_sample(
-    base_url: str, bodies: list[bytes], rate: float, headers: dict[str, str]
-) -> dict[str, Any]:
-    """POST each body at ``rate``/s, then wait for its decision with ``GET ?wait=``."""
-    outcomes: Counter[str] = Counter()
-    acked: list[float] = []
-    reserved: list[float] = []
-    idle: list[tuple[float, HttpConnection]] = []
-
-    async def connection() -> HttpConnection:
-        # uvicorn closes a connection idle for 5 s: reuse only recently used ones
-        while idle:
-            used, conn = idle.pop()
-            if time.monotonic() - used < IDLE_REUSE_S:
-                return conn
-            await conn.close()
-        return await HttpConnection.open(base_url)
-
-    async def one(body: bytes) -> None:
-        conn = await connection()
-        start = time.perf_counter()
-        try:
-            status, answer = await conn.request("POST", "/orders", body, headers)
-            if status != 202:
-                outcomes[f"post_{status}"] += 1
-                idle.append((time.monotonic(), conn))
-                return
-            acked.append(time.perf_counter() - start)
-            order_id = msgspec.json.decode(answer)["order_id"]
-            status, answer = await conn.request("GET", f"/orders/{order_id}?wait={WAIT_S:g}")
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            outcomes[type(exc).__name__] += 1
-            await conn.close()
-            return
-        took = time.perf_counter() - start
-        idle.append((time.monotonic(), conn))
-        if status != 200:
-            outcomes[f"get_{status}"] += 1
-            return
-        order_status = msgspec.json.decode(answer)["status"]
-        outcomes[order_status] += 1
-        if order_status == "RESERVED":
-            reserved.append(took)
-
-    tasks = []
-    start = time.perf_counter()
-    for i, body in enumerate(bodies):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(body)))
-    await asyncio.gather(*tasks)
-    for _, conn in idle:
-        await conn.close()
-    return {
-        "orders": len(bodies),
-        "rate": rate,
-        "outcomes": dict(outcomes),
-        "post_ack_ms": percentiles_ms(acked),
-        "post_to_reserved_ms": percentiles_ms(reserved),
-    }
-
-
 @dataclass(frozen=True)
 class ApiSample:
     """The API sample of a latency run: ``orders`` POSTs at ``rate``/s."""
@@ -843,8 +756,9 @@ def latency_run(
             _sleep_watching(mesh, LOAD_START_S + warmup_s)
             bodies = order_bodies(api.orders, skus=skus, seed=random_seed())
             api_result = asyncio.run(
-                _api_sample(mesh.api_url, bodies, api.rate, _api_headers(mesh.settings))
+                post_then_read(mesh.api_url, bodies, api.rate, api_headers(mesh.settings))
             )
+            api_result["orders"] = api_result.pop("count")
             api_result["background_rate"] = rate
         while mesh.load_running():
             if time.monotonic() - started > LOAD_START_S + warmup_s + window_s + 120:
