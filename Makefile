@@ -18,14 +18,17 @@ install: $(STAMP)
 jars: $(STAMP)
 	$(BIN)/ordermesh broker fetch
 
+# The consumer tests (rebalances, kills, restarts) once more under the classic group
+# protocol; the whole suite runs under KIP-848's, the default.
+CLASSIC_TESTS := tests/integration/test_inventory_pipeline.py tests/integration/test_tracker.py \
+	tests/chaos/test_inventory_kill.py
+
 test: install jars
 	$(BIN)/pytest -q
+	ORDERMESH_GROUP_PROTOCOL=classic $(BIN)/pytest -q $(CLASSIC_TESTS)
 
-# The consumer tests (rebalances, kills, restarts) under the classic group protocol; the
-# suite runs them under KIP-848's, the default.
 test-classic: install jars
-	ORDERMESH_GROUP_PROTOCOL=classic $(BIN)/pytest -q tests/integration/test_inventory_pipeline.py \
-		tests/integration/test_tracker.py tests/chaos/test_inventory_kill.py
+	ORDERMESH_GROUP_PROTOCOL=classic $(BIN)/pytest -q $(CLASSIC_TESTS)
 
 # The image and compose.yaml for real with podman (docs/deploy.md); `make test` runs it too.
 container-test: install jars
