@@ -279,13 +279,14 @@ class SqliteDatabase:
                 rows += conn.execute(text, chunk).fetchall()
         return rows
 
-    def write_many(self, what: str, sql: str, params: Sequence[Any]) -> None:
-        """``executemany`` inside the open transaction; nothing to write needs none."""
+    def write_many(self, what: str, sql: str, params: Sequence[Any]) -> int:
+        """``executemany`` inside the open transaction; the rows it changed (nothing to
+        write needs no transaction)."""
         if not params:
-            return
+            return 0
         conn = self.writer()
         with self.translate(what):
-            conn.executemany(sql, params)
+            return int(conn.executemany(sql, params).rowcount)
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         if not conn.in_transaction:

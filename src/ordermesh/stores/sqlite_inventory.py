@@ -239,16 +239,13 @@ class SqliteInventoryStore:
             )
             for o in orders
         ]
-        if not rows:
-            return
-        conn = self._db.writer()
-        with self._db.translate("insert orders"):
-            inserted = conn.executemany(
-                "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at,"
-                " source, body_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (order_id) DO NOTHING",
-                rows,
-            ).rowcount
+        inserted = self._db.write_many(
+            "insert orders",
+            "INSERT INTO orders (order_id, status, reason, items, outcome, decided_at,"
+            " source, body_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (order_id) DO NOTHING",
+            rows,
+        )
         if inserted != len(rows):
             # the core read the known orders before this transaction: another process on
             # this file decided some of them meanwhile
@@ -263,21 +260,19 @@ class SqliteInventoryStore:
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
         rows = list(cancellations)
-        if not rows:
-            return
-        conn = self._db.writer()
-        with self._db.translate("insert cancellations"):
-            inserted = conn.executemany(
-                "INSERT INTO cancellations (order_id, released, cancelled, at, source)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING",
-                rows,
-            ).rowcount
-            if inserted != len(rows):
-                raise _lost("cancellations", len(rows), inserted)
-            conn.executemany(
-                "UPDATE orders SET status = 'CANCELLED' WHERE order_id = ? AND status = 'RESERVED'",
-                [(c.order_id,) for c in rows],
-            )
+        inserted = self._db.write_many(
+            "insert cancellations",
+            "INSERT INTO cancellations (order_id, released, cancelled, at, source)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING",
+            rows,
+        )
+        if inserted != len(rows):
+            raise _lost("cancellations", len(rows), inserted)
+        self._db.write_many(
+            "cancel orders",
+            "UPDATE orders SET status = 'CANCELLED' WHERE order_id = ? AND status = 'RESERVED'",
+            [(c.order_id,) for c in rows],
+        )
 
 
 def _lost(what: str, wanted: int, stored: int) -> StoreConflictError:
