@@ -337,8 +337,13 @@ def run_load(
                 next_progress = now + PROGRESS_EVERY_S
             budget = MAX_CHUNK if bucket is None else min(bucket.take(now), MAX_CHUNK)
             if budget == 0:
-                # wait for the next slice while serving delivery reports
-                producer.poll(min(SLICE_S, deadline - now))
+                # wait for the next slice while serving delivery reports; what was produced
+                # is sent now (flush ignores linger.ms), as a paced client would send it
+                wait = min(SLICE_S, deadline - now)
+                if len(producer) > 0:
+                    producer.flush(wait)
+                else:
+                    producer.poll(wait)
                 continue
             if count is not None:
                 budget = min(budget, count - sent)

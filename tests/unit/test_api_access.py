@@ -22,7 +22,8 @@ from ordermesh.api.server import ThreadedServer
 from ordermesh.api.tracking import OrderReader
 from ordermesh.config import Settings
 from ordermesh.stores.sqlite_idempotency import SqliteIdempotencyStore
-from ordermesh.stores.sqlite_tracker import SqliteTrackerStore
+from ordermesh.stores.sqlite_tracker import SqliteOrderQueries, SqliteTrackerStore
+from ordermesh.stores.tracker import TrackedOrder
 from tests.unit.test_api_props import AckingProducer
 
 PROBLEM = "application/problem+json"
@@ -176,3 +177,46 @@ def test_full_waiters_answer_503_with_retry_after(tmp_path: Path) -> None:
         assert "too-many-waiters" in found["type"]
         assert response.headers["retry-after"] == "1"
         problem(client.get("/orders/ord-x"), 404)  # a plain read never waits
+
+
+def test_a_tracker_commit_wakes_waiters_before_the_poll_interval(tmp_path: Path) -> None:
+    """Over SQLite the poller watches ``data_version``: with a poll interval far longer
+    than the wait, only the commit itself can answer the waiter in time."""
+    writer = SqliteTrackerStore(tmp_path / "tracker.db")
+    placed = TrackedOrder(
+        "ord-1",
+        "cust-1",
+        "PLACED",
+        "[]",
+        1.0,
+        "USD",
+        1.0,
+        1.0,
+        None,
+        None,
+        None,
+        None,
+        1.0,
+        1,
+        None,
+    )
+    with writer.transaction():
+        writer.insert_orders([placed])
+    reader = OrderReader(SqliteOrderQueries(tmp_path / "tracker.db"), poll_interval_s=600.0)
+
+    async def scenario() -> None:
+        waiter = asyncio.create_task(reader.wait_decided("ord-1", 30.0))
+        while reader.waiting < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the poller has read the order PLACED at least once
+        assert not waiter.done()
+        with writer.transaction():
+            writer.update_orders([placed._replace(status="RESERVED", decided_at=2.0, seq=2)])
+        view = await asyncio.wait_for(waiter, 10.0)
+        assert view is not None and view.status == "RESERVED"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        reader.close()
+        writer.close()

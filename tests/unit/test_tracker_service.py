@@ -33,6 +33,7 @@ from ordermesh.stores.postgres_tracker import PostgresTrackerStore
 from ordermesh.stores.sqlite_tracker import SqliteOrderQueries, SqliteTrackerStore
 from ordermesh.stores.tracker import (
     HistoryEntry,
+    HistoryRow,
     OrderItemView,
     OrderView,
     encode_cursor,
@@ -196,6 +197,21 @@ def test_store_columns_hold_decided_cancelled_and_version(
 
     (row,) = store.load_orders(["o1"]).values()
     assert (row.decided_at, row.cancelled_at, row.placed_at, row.seq) == (200.0, 301.0, 5000.0, 4)
+
+
+def test_placed_has_no_history_row_yet_is_read_once(store: Store, service: TrackerService) -> None:
+    service.handle([placed(order("o1")), placed(order("o2"))])
+    service.handle([reserved("o1", at=200.0)])
+
+    # the OrderPlaced entry is the order row itself: only the inventory's events are rows
+    assert store.load_history_keys(["o1", "o2"]) == {("o1", "OrderReserved")}
+    assert events_of(store.get_order("o2")) == ["OrderPlaced"]
+    # a database written before kept a row for it: read once, not twice
+    with store.transaction():
+        store.insert_history([HistoryRow("o1", "OrderPlaced", "PLACED", 100.0, "", None)])
+    view = store.get_order("o1")
+    assert events_of(view) == ["OrderPlaced", "OrderReserved"]
+    assert view is not None and view.history[0] == HistoryEntry("OrderPlaced", "PLACED", 100.0, "")
 
 
 # --- idempotency and order ------------------------------------------------------------

@@ -9,9 +9,12 @@ pool (the hop costs more than the query); ``GET /orders/{id}`` under ``wrk -c32`
 (A WAL reader does not wait for the writer; what could stall it is SQLite's busy timeout
 in a rare WAL recovery.)
 
-Waiters for a decision share one poller. Over SQLite it wakes every ``POLL_INTERVAL_S``
-and reads all watched orders in one go, so a thousand long-polling clients cost one loop
-of lookups per tick, not a thousand timers. Over a store that announces decisions (a
+Waiters for a decision share one poller, so a thousand long-polling clients cost one loop
+of lookups per wake-up, not a thousand timers. Over a store that counts its commits (a
+``ChangeCounter``: SQLite's ``data_version``) it checks that counter every
+``CHANGE_CHECK_S`` (microseconds each) and reads the watched orders once it moved, or
+every ``POLL_INTERVAL_S`` anyway. Over any other store, or while more than
+``INLINE_POLL_MAX`` orders are watched, it reads them every ``POLL_INTERVAL_S``. Over a store that announces decisions (a
 ``DecisionFeed``: PostgreSQL's ``LISTEN/NOTIFY``, see ``stores/postgres_tracker.py``) it
 sleeps until the tracker commits decisions, then reads only the announced orders that
 someone waits for; every ``FEED_RECHECK_S`` it reads all of them anyway, a bound on what
@@ -38,6 +41,7 @@ from ordermesh.stores.tracker import OrderPage, OrderQueries, OrderStatus, Order
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S: Final = 0.025
+CHANGE_CHECK_S: Final = 0.002
 FEED_RECHECK_S: Final = 2.0
 READ_THREADS: Final = 2
 # a poll of up to this many orders runs inline (~32 us each), more go to the pool
@@ -58,6 +62,13 @@ class DecisionFeed(Protocol):
         """Call ``wake(order_ids)`` from any thread once they were decided (``None``:
         maybe any order); returns the function that stops it."""
         ...
+
+
+@runtime_checkable
+class ChangeCounter(Protocol):
+    """A store with a cheap counter that moves whenever its data changed (optional)."""
+
+    def data_version(self) -> int: ...
 
 
 def decided(view: OrderView | None) -> bool:
@@ -83,6 +94,8 @@ class OrderReader:
         self._waiting = 0  # requests inside wait_decided's wait, over all orders
         self._poller: asyncio.Task[None] | None = None
         self._feed = store if isinstance(store, DecisionFeed) else None
+        self._counter = store if isinstance(store, ChangeCounter) else None
+        self._version: int | None = None  # None: read the watched orders at the next check
         self._unsubscribe: Callable[[], None] | None = None
         self._wakeup = asyncio.Event()
         self._woken: set[str] = set()
@@ -136,6 +149,8 @@ class OrderReader:
             )
         future: asyncio.Future[OrderView] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(order_id, []).append(future)
+        # it may have been decided since the read above: the next check reads it
+        self._version = None
         self._waiting += 1
         if self._poller is None or self._poller.done():
             self._listen()
@@ -186,7 +201,11 @@ class OrderReader:
     async def _next_watch(self) -> list[str]:
         """The orders to read next: after a tick (polling), or those announced (feed)."""
         if self._feed is None:
-            await asyncio.sleep(self.poll_interval_s)
+            if self._counter is None or len(self._waiters) > INLINE_POLL_MAX:
+                # many watched orders: reading them all at every commit would cost more
+                await asyncio.sleep(self.poll_interval_s)
+            else:
+                await self._changed()
             return list(self._waiters)
         try:
             await asyncio.wait_for(self._wakeup.wait(), FEED_RECHECK_S)
@@ -200,6 +219,20 @@ class OrderReader:
         self._wake_all = False
         self._woken.clear()
         return order_ids
+
+    async def _changed(self) -> None:
+        """Return once the store's change counter moved, or after ``poll_interval_s``."""
+        assert self._counter is not None
+        deadline = time.monotonic() + self.poll_interval_s
+        while True:
+            await asyncio.sleep(min(CHANGE_CHECK_S, self.poll_interval_s))
+            try:
+                version: int | None = self._counter.data_version()
+            except StoreError:
+                version = None  # read the orders: their reads report the failure
+            if version is None or version != self._version or time.monotonic() >= deadline:
+                self._version = version
+                return
 
     def _lookup(self, order_ids: list[str]) -> list[OrderView | None]:
         return [self.store.get_order(order_id) for order_id in order_ids]

@@ -75,6 +75,11 @@ SUMMARY_EVERY_S = 10.0
 STOP_DEADLINE_S = 12.0
 # a failed commit is tried again this often while no new batch would commit
 RECOMMIT_EVERY_S = 2.0
+# Offsets of done batches are committed at most this often (and always, synchronously,
+# before partitions move on or the runner stops). A commit per small batch at low rates
+# cost the broker more CPU than anything else the mesh asks of it; a crash now redoes up
+# to this much more work, which per-order idempotency makes harmless.
+COMMIT_EVERY_S = 0.1
 # after losing every partition (fenced) with none back this long, join with a new consumer
 REJOIN_AFTER_S = 20.0
 RETRY_BACKOFF_S = (0.5, 30.0)  # first and longest pause between retries of a batch
@@ -232,6 +237,10 @@ class BatchRunner:
         self._confirmed: dict[tuple[str, int], int] = {}
         self._commit_failed = False
         self._last_recommit = 0.0
+        # offsets of done batches not committed yet (see COMMIT_EVERY_S), and when the
+        # last commit was sent
+        self._due: dict[tuple[str, int], int] = {}
+        self._last_commit_sent = 0.0
         # when every partition was lost (fenced) and none came back since
         self._lost_all_at: float | None = None
 
@@ -290,6 +299,7 @@ class BatchRunner:
 
     def _forget_commits(self, gone: set[tuple[str, int]]) -> None:
         for key in gone:
+            self._due.pop(key, None)
             self._commit_target.pop(key, None)
             self._confirmed.pop(key, None)
 
@@ -329,9 +339,9 @@ class BatchRunner:
                     if records or poison:
                         self.process(records, poison)
                         last_data = now
-                elif self.commits.batches:
+                elif self.commits.batches or self._due:
                     # nothing new: commit what has been acknowledged meanwhile
-                    self._settle(wait=True)
+                    self._settle(wait=bool(self.commits.batches))
                 elif not self.stats.assigned:
                     last_data = now  # idle time counts only while we own partitions
                     if self._lost_all_at is not None and now - self._lost_all_at > REJOIN_AFTER_S:
@@ -371,11 +381,19 @@ class BatchRunner:
         """The next batch: what is fetched already, at once; only when nothing is, wait
         (up to ``batch_timeout_s``) for the first record, and take it with whatever came
         along. A record never waits for a batch to fill: at low rates batches are small
-        and quick, under a backlog they are full (``batch_max``)."""
+        and quick, under a backlog they are full (``batch_max``). Likewise an output never
+        waits for ``linger.ms`` while the runner has nothing else to do."""
         consumer = self.consumer
         msgs: list[Any] = consumer.consume(num_messages=self.max_batch, timeout=0)
         if msgs:
             return msgs
+        if self.commits.batches and len(self.producer) > 0:
+            # Idle with outputs lingering: send them now rather than after linger.ms.
+            # Under a backlog this is never reached, and linger.ms batches as before.
+            self.producer.flush(ACK_WAIT_S)
+            msgs = consumer.consume(num_messages=self.max_batch, timeout=0)
+            if msgs:
+                return msgs
         wait = ACK_WAIT_S if self.commits.batches else self.timeout
         # a batch of one returns as soon as one record is there
         first: list[Any] = consumer.consume(num_messages=1, timeout=wait)
@@ -503,10 +521,17 @@ class BatchRunner:
         if done:
             if self._fault is not None:
                 self._fault_point("after-produce")
-            offsets = queue.committable(done)
-            if offsets:
-                # the last commit before partitions move or the process ends is synchronous
-                self._commit(offsets, asynchronous=not drain)
+            for tp in queue.committable(done):
+                self._due[(tp.topic, tp.partition)] = tp.offset
+        if self._due and (drain or time.monotonic() - self._last_commit_sent >= COMMIT_EVERY_S):
+            # the last commit before partitions move or the process ends is synchronous
+            self._commit_due(asynchronous=not drain)
+
+    def _commit_due(self, *, asynchronous: bool) -> None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._due.items()]
+        self._due.clear()
+        self._last_commit_sent = time.monotonic()
+        self._commit(offsets, asynchronous=asynchronous)
 
     # --- produce errors --------------------------------------------------------------
 

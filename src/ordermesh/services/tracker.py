@@ -335,11 +335,7 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
             1,  # seq
             body_hash,
         )
-        state.placed.add(order_id)
-        state.history.add((order_id, "OrderPlaced"))
-        state.new_history.append(
-            HistoryRow(order_id, "OrderPlaced", "PLACED", order.created_at, "", None)
-        )
+        state.placed.add(order_id)  # its history entry is the row itself (order_history)
         state.stats.placed += 1
 
         waiting = state.stored_pending.pop(order_id, [])

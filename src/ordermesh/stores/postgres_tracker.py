@@ -43,8 +43,8 @@ from ordermesh.stores.tracker import (
     PendingEvent,
     TrackedOrder,
     encode_cursor,
-    history_key,
     list_orders_query,
+    order_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -213,9 +213,9 @@ class PostgresOrderQueries:
         if not rows:
             return None
         width = len(TrackedOrder._fields)
-        history = [HistoryEntry(*row[width:]) for row in rows if row[width] is not None]
-        history.sort(key=history_key)
-        return _tracked(rows[0][:width]).view(history)
+        order = _tracked(rows[0][:width])
+        stored = (HistoryEntry(*row[width:]) for row in rows if row[width] is not None)
+        return order.view(order_history(order.created_at, stored))
 
     def list_orders(
         self,

@@ -30,8 +30,8 @@ from ordermesh.stores.tracker import (
     PendingEvent,
     TrackedOrder,
     encode_cursor,
-    history_key,
     list_orders_query,
+    order_history,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,10 @@ class SqliteOrderQueries:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def data_version(self) -> int:
+        """Changes whenever the tracker commits (see ``api/tracking.py``'s ``ChangeCounter``)."""
+        return self._db.data_version()
+
     def ping(self) -> None:
         with self._db.read("ping") as conn:
             conn.execute("SELECT 1 FROM orders LIMIT 1").fetchall()
@@ -142,9 +146,8 @@ class SqliteOrderQueries:
             entries = conn.execute(
                 "SELECT event, status, at, detail FROM history WHERE order_id = ?", (order_id,)
             ).fetchall()
-        history = [HistoryEntry(*entry) for entry in entries]
-        history.sort(key=history_key)
-        return _tracked(row).view(history)
+        order = _tracked(row)
+        return order.view(order_history(order.created_at, (HistoryEntry(*e) for e in entries)))
 
     def list_orders(
         self,

@@ -16,9 +16,11 @@ What an implementation keeps (every backend the same):
   ``body_hash`` is ``schema.order_fingerprint`` of the order recorded, so a later copy
   with the same order_id but another body is recognised (None in rows recorded before
   it was kept).
-- history: one row per (order, event type). Redelivered events hit that key and change
-  nothing; ``status`` is the status the event stands for (None for ``StockReleased`` /
-  ``CancelRejected``, which do not move the status).
+- history: one row per (order, event type) of the inventory's events. Redelivered events
+  hit that key and change nothing; ``status`` is the status the event stands for (None
+  for ``StockReleased`` / ``CancelRejected``, which do not move the status). The
+  ``OrderPlaced`` entry has no row: it is the order row itself (``created_at``), added
+  when the history is read (``order_history``); rows written before that are read too.
 - pending: events that arrived before their ``OrderPlaced`` (``orders`` and
   ``order-events`` are separate topics, so the tracker may read an order's events
   first), kept as raw bytes until the order arrives.
@@ -168,6 +170,15 @@ def decode_items(text: str) -> list[ItemTuple]:
 def history_key(entry: HistoryEntry) -> tuple[float, int, str]:
     """Sort key of an order's history: by time, then by ``EVENT_RANK``."""
     return (entry.at, EVENT_RANK.get(entry.event, 9), entry.event)
+
+
+def order_history(created_at: float, stored: Iterable[HistoryEntry]) -> list[HistoryEntry]:
+    """An order's whole history: its stored rows and its ``OrderPlaced`` entry, sorted."""
+    history = list(stored)
+    if not any(entry.event == "OrderPlaced" for entry in history):
+        history.append(HistoryEntry("OrderPlaced", "PLACED", created_at, ""))
+    history.sort(key=history_key)
+    return history
 
 
 # --- rows the core reads and writes ------------------------------------------------------
