@@ -222,6 +222,9 @@ class SqliteTrackerStore(SqliteOrderQueries):
         return {(order_id, event) for order_id, event in rows}
 
     def load_pending(self, order_ids: Collection[str]) -> list[PendingEvent]:
+        with self._db.read("pending") as conn:
+            if conn.execute("SELECT 1 FROM pending LIMIT 1").fetchone() is None:
+                return []  # the usual case: no lookup per order
         rows = self._db.select_in(
             "SELECT order_id, event, payload, source FROM pending WHERE order_id IN ({marks})",
             order_ids,
