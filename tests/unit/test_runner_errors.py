@@ -12,7 +12,7 @@ from ordermesh.config import Settings
 from ordermesh.errors import ConfigError
 from ordermesh.kafka.commits import InFlightBatch
 from ordermesh.kafka.producer import Delivery, is_permanent
-from ordermesh.kafka.runner import BatchRunner
+from ordermesh.kafka.runner import COMMIT_EVERY_S, BatchRunner
 from ordermesh.records import (
     ERROR_HEADER_PREFIX,
     ORIGINAL_SIZE_HEADER,
@@ -211,3 +211,35 @@ def test_losing_every_partition_arms_the_rejoin_and_an_assignment_disarms_it(
     assert runner._lost_all_at is not None
     runner._on_assign(runner.consumer, [TopicPartition("a", 0)])
     assert runner._lost_all_at is None
+
+
+def test_done_batches_commit_together_at_most_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("ordermesh.kafka.runner.time.monotonic", lambda: clock[0])
+    runner = _runner(monkeypatch)
+    fake = _RecordingConsumer(fail=0)
+    runner.consumer = fake  # type: ignore[assignment]
+    runner.stats.assigned = {("a", 0), ("a", 1), ("b", 0)}
+
+    def done(*offsets: tuple[str, int, int]) -> None:
+        tps = [TopicPartition(t, p, o) for t, p, o in offsets]
+        runner.commits.batches.append(InFlightBatch([], tps, Delivery()))
+        runner._settle()
+
+    done(("a", 0, 10))  # the first commit goes at once
+    done(("a", 0, 11), ("a", 1, 5))
+    clock[0] += COMMIT_EVERY_S / 2
+    done(("a", 1, 6), ("b", 0, 3))
+    assert fake.commits == [[("a", 0, 10)]]  # the others wait for the interval
+
+    clock[0] += COMMIT_EVERY_S / 2 + 0.001
+    runner._settle()  # an idle tick after the interval: one commit, latest offsets
+    assert fake.commits[1:] == [[("a", 0, 11), ("a", 1, 6), ("b", 0, 3)]]
+
+    done(("a", 0, 12), ("a", 1, 7))
+    runner._on_lost(runner.consumer, [TopicPartition("a", 1)])  # someone else's now
+    runner._on_revoke(runner.consumer, [TopicPartition("b", 0)])  # commits before it goes
+    assert fake.commits[2:] == [[("a", 0, 12)]]
+    assert runner._due == {}
