@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,13 @@ from ordermesh.stores.factory import (
     open_order_queries,
     open_tracker_store,
 )
-from ordermesh.stores.sqlite import Migration, SqliteDatabase, schema_version, statements
+from ordermesh.stores.sqlite import (
+    CHECKPOINT_EVERY_S,
+    Migration,
+    SqliteDatabase,
+    schema_version,
+    statements,
+)
 from ordermesh.stores.sqlite_idempotency import SqliteIdempotencyStore
 from ordermesh.stores.sqlite_inventory import SqliteInventoryStore
 from ordermesh.stores.sqlite_tracker import SqliteOrderQueries, SqliteTrackerStore
@@ -148,6 +155,26 @@ def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert tables == {"t"}
+
+
+def test_the_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
+    """2 MB written stays in the WAL until a checkpoint copies it into the file: SQLite's
+    own automatic one would not start before ``WAL_FALLBACK_PAGES``, so only the
+    background thread can grow the file meanwhile."""
+    path = tmp_path / "c.db"
+    table = statements("CREATE TABLE t (v BLOB NOT NULL)")
+    db = SqliteDatabase(path, name="c", migrations=[Migration("t", table)])
+    try:
+        with db.transaction():
+            db.writer().executemany("INSERT INTO t VALUES (?)", [(b"x" * 4000,)] * 500)
+        assert path.stat().st_size < 100_000  # all of it is in the WAL so far
+        deadline = time.monotonic() + 30 * CHECKPOINT_EVERY_S
+        while path.stat().st_size < 2_000_000 and time.monotonic() < deadline:
+            time.sleep(CHECKPOINT_EVERY_S / 5)
+        assert path.stat().st_size >= 2_000_000
+    finally:
+        db.close()
+    assert not db.path.with_name("c.db-wal").exists()  # the last close removes the WAL
 
 
 def test_a_file_from_before_versioning_is_taken_as_it_is(tmp_path: Path) -> None:

@@ -12,6 +12,13 @@ top of it; this module is the only place that decides how a file is opened:
   so a read-check-write inside it is atomic across processes; the busy timeout makes
   several instances sharing one file take turns.
 - Every ``sqlite3.Error`` surfaces as a ``StoreError`` naming the database and the step.
+- Checkpoints (copying the WAL back into the file) run in a background thread with its
+  own connection, every ``CHECKPOINT_EVERY_S`` once the store has written. SQLite's own
+  automatic checkpoint runs inside the commit that crosses its threshold: measured with
+  the inventory at 5,000 orders/s, those commits were most of the batches slower than
+  15 ms (55 of 5,591 against 10 of 8,871 without them; the slowest 167 ms against 28 ms).
+  The automatic checkpoint stays, at ``WAL_FALLBACK_PAGES``, in case the thread falls
+  behind.
 
 Migrations: each store has an ordered list of ``Migration`` steps; the database records
 how many have been applied in ``PRAGMA user_version`` (0 in a new file, and in files of
@@ -42,6 +49,10 @@ Synchronous = Literal["NORMAL", "FULL"]
 # below both and keeps the statement small enough to be cached and reused.
 IN_CHUNK: Final = 500
 BUSY_TIMEOUT_S: Final = 30.0
+CHECKPOINT_EVERY_S: Final = 0.5
+# SQLite's default is 1000 pages (4 MB); this one (64 MB) is only reached when the
+# background checkpoints fall behind
+WAL_FALLBACK_PAGES: Final = 16_000
 
 
 class Migration(NamedTuple):
@@ -110,6 +121,8 @@ class SqliteDatabase:
         # may be called from a thread pool (the API) or handed to a worker thread
         self.lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._closing = threading.Event()
 
     @property
     def label(self) -> str:
@@ -170,6 +183,7 @@ class SqliteDatabase:
         # produced and whose offsets were committed. With one commit per batch the fsync
         # costs little; NORMAL is for stores whose writes are safe to lose (see api.db).
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_FALLBACK_PAGES}")
 
     def _check_version(self, version: int) -> None:
         latest = len(self.migrations)
@@ -203,10 +217,58 @@ class SqliteDatabase:
             raise
 
     def close(self) -> None:
+        self._closing.set()
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.join()
         with self.lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        self._closing = threading.Event()  # a later write opens it again
+
+    # --- checkpoints ---------------------------------------------------------------
+
+    def _start_checkpoints(self) -> None:
+        if self._checkpointer is None:
+            thread = threading.Thread(
+                target=self._checkpoints,
+                args=(self._closing,),
+                name=f"{self.name}-checkpoint",
+                daemon=True,
+            )
+            self._checkpointer = thread
+            thread.start()
+
+    def _checkpoints(self, closing: threading.Event) -> None:
+        """Checkpoint the WAL every ``CHECKPOINT_EVERY_S`` until the store is closed.
+
+        PASSIVE: it copies what no reader still needs and never waits for, nor blocks,
+        the writer or the readers. Failures are logged and the next round tries again.
+        """
+        conn: sqlite3.Connection | None = None
+        failures = 0
+        try:
+            while not closing.wait(CHECKPOINT_EVERY_S):
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(
+                            str(self.path), timeout=self._busy_timeout_s, isolation_level=None
+                        )
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    failures = 0
+                except sqlite3.Error as exc:
+                    failures += 1
+                    if failures == 1 or failures % 100 == 0:
+                        logger.warning(
+                            "%s: background checkpoint failed (%d in a row): %s",
+                            self.label,
+                            failures,
+                            exc,
+                        )
+        finally:
+            if conn is not None:
+                conn.close()
 
     # --- statements ----------------------------------------------------------------
 
@@ -236,6 +298,7 @@ class SqliteDatabase:
             except BaseException:
                 self._rollback(conn)
                 raise
+        self._start_checkpoints()
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: it changes whenever another connection (in
