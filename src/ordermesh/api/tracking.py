@@ -14,8 +14,9 @@ of lookups per wake-up, not a thousand timers. Over a store that counts its comm
 ``ChangeCounter``: SQLite's ``data_version``) it checks that counter every
 ``CHANGE_CHECK_S`` (microseconds each) and reads the watched orders once it moved, or
 every ``POLL_INTERVAL_S`` anyway. Over any other store, or while more than
-``INLINE_POLL_MAX`` orders are watched, it reads them every ``POLL_INTERVAL_S``. Over a store that announces decisions (a
-``DecisionFeed``: PostgreSQL's ``LISTEN/NOTIFY``, see ``stores/postgres_tracker.py``) it
+``INLINE_POLL_MAX`` orders are watched, it reads them every ``POLL_INTERVAL_S``. Over a
+store that announces decisions (a ``DecisionFeed``: PostgreSQL's ``LISTEN/NOTIFY``, see
+``stores/postgres_tracker.py``) it
 sleeps until the tracker commits decisions, then reads only the announced orders that
 someone waits for; every ``FEED_RECHECK_S`` it reads all of them anyway, a bound on what
 a lost notification could cost. At most ``MAX_WAITERS`` requests wait at once (each holds a

@@ -3,7 +3,9 @@
 Commit discipline (ARCHITECTURE.md, "Guarantees"): a batch's offsets are committed only
 after the handler returned (its DB transaction is committed) and every record it asked
 for, events and DLQ copies alike, was acknowledged by Kafka. A crash anywhere before the
-commit redelivers the batch; handlers are idempotent per order_id, so that is safe.
+commit redelivers the batch; handlers are idempotent per order_id, so that is safe. The
+offsets of the batches done meanwhile are committed together, at most every
+``COMMIT_EVERY_S``.
 
 No input stops a partition for good, and none crashes the process:
 
@@ -76,9 +78,10 @@ STOP_DEADLINE_S = 12.0
 # a failed commit is tried again this often while no new batch would commit
 RECOMMIT_EVERY_S = 2.0
 # Offsets of done batches are committed at most this often (and always, synchronously,
-# before partitions move on or the runner stops). A commit per small batch at low rates
-# cost the broker more CPU than anything else the mesh asks of it; a crash now redoes up
-# to this much more work, which per-order idempotency makes harmless.
+# before partitions move on or the runner stops). At low rates batches are small, and a
+# commit per batch was hundreds of OffsetCommit requests a second per service, each a
+# write to the broker's offsets log; now it is at most ten. A crash redoes up to this
+# much more work, which per-order idempotency makes harmless.
 COMMIT_EVERY_S = 0.1
 # after losing every partition (fenced) with none back this long, join with a new consumer
 REJOIN_AFTER_S = 20.0
