@@ -240,10 +240,8 @@ class BatchRunner:
         self._confirmed: dict[tuple[str, int], int] = {}
         self._commit_failed = False
         self._last_recommit = 0.0
-        # offsets of done batches not committed yet (see COMMIT_EVERY_S), and when the
-        # last commit was sent
+        # offsets of done batches not committed yet (see COMMIT_EVERY_S)
         self._due: dict[tuple[str, int], int] = {}
-        self._last_commit_sent = 0.0
         # when every partition was lost (fenced) and none came back since
         self._lost_all_at: float | None = None
 
@@ -526,15 +524,12 @@ class BatchRunner:
                 self._fault_point("after-produce")
             for tp in queue.committable(done):
                 self._due[(tp.topic, tp.partition)] = tp.offset
-        if self._due and (drain or time.monotonic() - self._last_commit_sent >= COMMIT_EVERY_S):
+        last = self.stats.last_commit_at
+        if self._due and (drain or last is None or time.monotonic() - last >= COMMIT_EVERY_S):
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._due.items()]
+            self._due.clear()
             # the last commit before partitions move or the process ends is synchronous
-            self._commit_due(asynchronous=not drain)
-
-    def _commit_due(self, *, asynchronous: bool) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._due.items()]
-        self._due.clear()
-        self._last_commit_sent = time.monotonic()
-        self._commit(offsets, asynchronous=asynchronous)
+            self._commit(offsets, asynchronous=not drain)
 
     # --- produce errors --------------------------------------------------------------
 
