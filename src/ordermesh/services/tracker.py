@@ -33,7 +33,8 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Final
+from functools import partial
+from typing import Any, Final, NamedTuple, cast
 
 from ordermesh import schema
 from ordermesh.errors import DecodeError
@@ -121,27 +122,26 @@ class _Batch:
         self.first_dlq = self.first_dlq or describe_dead_letter(record, dlq)
 
 
-def _history_detail(event: OrderEvent) -> str:
-    if isinstance(event, OrderRejected | CancelRejected):
-        text = f"{event.reason}: {event.detail}"
-    elif isinstance(event, OrderCancelled):
-        text = event.detail
-    elif isinstance(event, StockReleased | OrderReserved):
-        verb = "released" if isinstance(event, StockReleased) else "reserved"
-        text = f"{verb} " + ", ".join([f"{i.sku} x{i.quantity}" for i in event.items])
-    else:  # pragma: no cover - the union is exhausted above
-        text = ""
-    return text[:MAX_DETAIL]
+def _items_text(verb: str, event: OrderReserved | StockReleased) -> str:
+    return f"{verb} " + ", ".join([f"{i.sku} x{i.quantity}" for i in event.items])
 
 
-def _target(event: OrderEvent) -> OrderStatus | None:
-    if isinstance(event, OrderReserved):
-        return "RESERVED"
-    if isinstance(event, OrderRejected):
-        return "REJECTED"
-    if isinstance(event, OrderCancelled):
-        return "CANCELLED"
-    return None  # StockReleased, CancelRejected: history only
+class _Rule(NamedTuple):
+    """What an event type does to its order: looked up by type, once per event."""
+
+    name: str  # the history entry's event
+    target: OrderStatus | None  # the status it moves to; None: history only
+    decides: bool  # its ``at`` is the order's ``decided_at``
+    detail: Callable[[Any], str]  # the history entry's detail
+
+
+_RULES: Final[dict[type, _Rule]] = {
+    OrderReserved: _Rule("OrderReserved", "RESERVED", True, partial(_items_text, "reserved")),
+    OrderRejected: _Rule("OrderRejected", "REJECTED", True, lambda e: f"{e.reason}: {e.detail}"),
+    StockReleased: _Rule("StockReleased", None, False, partial(_items_text, "released")),
+    OrderCancelled: _Rule("OrderCancelled", "CANCELLED", False, lambda e: e.detail),
+    CancelRejected: _Rule("CancelRejected", None, False, lambda e: f"{e.reason}: {e.detail}"),
+}
 
 
 def _parked_order(parked: _Parked) -> tuple[int, float]:
@@ -364,21 +364,20 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
     def _apply(self, state: _Batch, event: OrderEvent, source: str | None) -> None:
         """Apply an event to its order (in ``state.orders``), unless already applied."""
         order_id = event.order_id
-        name = type(event).__name__
+        name, target, decides, detail_of = _RULES[type(event)]
         key = (order_id, name)
         if key in state.history:
             state.stats.duplicates += 1
             return
         state.history.add(key)
-        target = _target(event)
         at = event.at
         state.new_history.append(
-            HistoryRow(order_id, name, target, at, _history_detail(event), source)
+            HistoryRow(order_id, name, target, at, detail_of(event)[:MAX_DETAIL], source)
         )
         tracked = state.orders[order_id]
         state.changed.add(order_id)
         decided_at = tracked.decided_at
-        if isinstance(event, OrderReserved | OrderRejected) and decided_at is None:
+        if decides and decided_at is None:
             decided_at = at
         current = tracked.status
         if target is None or STATUS_RANK[target] <= STATUS_RANK[current]:
@@ -398,13 +397,15 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
                 )
             return
         reason, detail, cancelled_at = tracked.reason, tracked.detail, tracked.cancelled_at
-        if isinstance(event, OrderRejected):
-            reason = event.reason
-            detail = event.detail
-        elif isinstance(event, OrderCancelled):
+        if target == "REJECTED":
+            rejected = cast(OrderRejected, event)
+            reason = rejected.reason
+            detail = rejected.detail
+        elif target == "CANCELLED":
+            cancelled = cast(OrderCancelled, event)
             cancelled_at = at
-            if event.detail:
-                detail = event.detail
+            if cancelled.detail:
+                detail = cancelled.detail
         # positional, in column order (``_replace`` costs several times more, per event)
         state.orders[order_id] = TrackedOrder(
             order_id,
