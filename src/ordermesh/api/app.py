@@ -46,6 +46,7 @@ from ordermesh.errors import DecodeError, DeliveryError, StoreError
 from ordermesh.kafka.admin import Admin
 from ordermesh.kafka.client import make_admin
 from ordermesh.kafka.producer import ProducerClient
+from ordermesh.repeats import Repeats
 from ordermesh.stores.factory import open_idempotency_store, open_order_queries
 from ordermesh.stores.idempotency import IdempotencyStore
 from ordermesh.stores.tracker import MAX_PAGE, ORDER_STATUSES
@@ -174,7 +175,7 @@ class OrdersApi:
         self._keys: IdempotencyStore | None = None
         self._health: HealthChecks | None = None
         self._admin: Admin | None = None
-        self._failures = 0
+        self._failures = Repeats(every=1000)  # produce failures since start
 
     # --- lifespan ----------------------------------------------------------------------
 
@@ -255,9 +256,8 @@ class OrdersApi:
             await self.producer.produce(topic, key.encode(), value)
         except DeliveryError as exc:
             self.metrics.produce_failures.labels(topic).inc()
-            self._failures += 1
-            if self._failures == 1 or self._failures % 1000 == 0:
-                log.warning("%s (%d produce failures so far)", exc, self._failures)
+            if self._failures.failed():
+                log.warning("%s (%d produce failures so far)", exc, self._failures.count)
             raise HTTPProblem(
                 503,
                 "kafka-unavailable",

@@ -32,6 +32,7 @@ import msgspec
 import psycopg
 
 from ordermesh.errors import StoreError
+from ordermesh.repeats import Repeats
 from ordermesh.stores.postgres import PgMigration, PostgresDatabase
 from ordermesh.stores.tracker import (
     ORDER_STATUSES,
@@ -399,26 +400,24 @@ class _Listener:
             self._thread.join(timeout=5.0)
 
     def _run(self) -> None:
-        failures = 0
+        failures = Repeats(every=60)
         while not self._stopped.is_set():
             try:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    if failures:
+                    if failures.succeeded():
                         logger.info("%s: listening for decisions again", self._label)
-                    failures = 0
                     # whatever was decided while not listening: every waiter looks again
                     self._wake(None)
                     while not self._stopped.is_set():
                         for note in conn.notifies(timeout=0.5):
                             self._wake(parse_payload(note.payload))
             except (psycopg.Error, StoreError) as exc:
-                failures += 1
-                if failures == 1 or failures % 60 == 0:
+                if failures.failed():
                     logger.warning(
                         "%s: listening for decisions failed (%d times): %s",
                         self._label,
-                        failures,
+                        failures.count,
                         exc,
                     )
                 self._stopped.wait(_LISTEN_RETRY_S)

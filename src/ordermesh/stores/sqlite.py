@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
 
 from ordermesh.errors import StoreError
+from ordermesh.repeats import Repeats
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class SqliteDatabase:
         the writer or the readers. Failures are logged and the next round tries again.
         """
         conn: sqlite3.Connection | None = None
-        failures = 0
+        failures = Repeats(every=100)
         try:
             while not closing.wait(CHECKPOINT_EVERY_S):
                 try:
@@ -256,14 +257,13 @@ class SqliteDatabase:
                             str(self.path), timeout=self._busy_timeout_s, isolation_level=None
                         )
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    failures = 0
+                    failures.succeeded()
                 except sqlite3.Error as exc:
-                    failures += 1
-                    if failures == 1 or failures % 100 == 0:
+                    if failures.failed():
                         logger.warning(
                             "%s: background checkpoint failed (%d in a row): %s",
                             self.label,
-                            failures,
+                            failures.count,
                             exc,
                         )
         finally:
