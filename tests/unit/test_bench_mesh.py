@@ -20,6 +20,7 @@ from ordermesh.bench.kafka_tools import (
 )
 from ordermesh.bench.mesh import (
     PARTS,
+    REST_OF_MACHINE,
     OutcomeStamp,
     mean_record_bytes,
     parse_parts,
@@ -243,6 +244,21 @@ def test_the_page_shows_the_tables_the_machine_and_the_command() -> None:
     assert "2 × Test CPU" in page and "8.0 GiB" in page
     assert "![throughput and latency](performance.svg)" in page
     assert "performance.svg" not in render_markdown(_result(), chart=None)
+
+
+def test_the_page_says_the_broker_was_warmed_first_and_how_fast() -> None:
+    result = _result()
+    assert "drains" not in render_markdown(result)
+    result["warm_up"] = {
+        "orders": 200_000,
+        "seconds": 16.0,
+        "orders_per_s": 12_500.0,
+        "cpu": {REST_OF_MACHINE: {"cpu_s": 5.4, "us_per_order": 27.0}},
+        "verify": {"ok": True},
+    }
+    page = render_markdown(result)
+    assert "the mesh drains 200,000 orders once on the same broker (12,500 orders/s;" in page
+    assert "the broker and the OS took 27.0 µs per order" in page
 
 
 def test_a_failed_verify_shows_on_the_page() -> None:

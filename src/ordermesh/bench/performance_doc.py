@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from ordermesh.bench.mesh import REST_OF_MACHINE
+
 DOC_NAME: Final = "performance.md"
 CHART_NAME: Final = "performance.svg"
 # the page's hand-written part starts at this heading and survives reruns
@@ -212,6 +214,18 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None = CHART_NAME
 def _throughput_notes(result: Mapping[str, Any]) -> list[str]:
     kafka = result.get("kafka") or {}
     lines = ["How each rate is measured:", ""]
+    warm = result.get("warm_up")
+    if warm:
+        rest = (warm.get("cpu") or {}).get(REST_OF_MACHINE, {}).get("us_per_order")
+        lines.append(
+            f"- Before anything is timed, the mesh drains {warm['orders']:,} orders once on"
+            f" the same broker ({warm['orders_per_s']:,.0f} orders/s"
+            + (f"; the broker and the OS took {rest:.1f} µs per order" if rest else "")
+            + "): a new broker spends its first minutes of load compiling its hot paths"
+            " (its JIT compiler threads took more CPU than its request handlers in a first"
+            " drain), which a broker in service has long done. Every part below runs after"
+            " it."
+        )
     if kafka:
         producer = kafka["producer_performance"]
         consumer = kafka["consumer_performance"]

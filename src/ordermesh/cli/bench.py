@@ -161,6 +161,14 @@ def bench_mesh_cmd(
     api_orders: Annotated[
         int, typer.Option(min=10, help="Orders of the API sample (POST, then GET ?wait=).")
     ] = 300,
+    warm_orders: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Orders the mesh drains once, untimed, before anything is measured: a new"
+            " broker spends its first minutes compiling (0: measure it cold).",
+        ),
+    ] = 200_000,
     docs: Annotated[
         bool | None,
         typer.Option(
@@ -209,6 +217,7 @@ def bench_mesh_cmd(
         db=db,
         parts=parts,
         window_s=window,
+        warm_orders=warm_orders,
         api_sample=ApiSample(orders=api_orders),
     )
     settings = make_settings()
