@@ -20,6 +20,7 @@ from ordermesh.kafka.client import (
     make_admin,
     producer_config,
 )
+from ordermesh.topology import OFF_PATH, ORDER_PATH, service
 
 PASSWORD = "pa55-w0rd-that-must-never-show"
 
@@ -151,6 +152,22 @@ def test_group_protocols_map_to_their_own_assignor_properties() -> None:
 
     with pytest.raises(ValueError, match="group_protocol"):
         Settings(group_protocol="eager")
+
+
+def test_a_services_fetch_tuning_is_a_default_a_user_may_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(bootstrap_servers="h:9")
+    tool = consumer_config(settings, "verify")
+    assert tool["fetch.min.bytes"] == 1 and "fetch.wait.max.ms" not in tool
+    inventory = consumer_config(settings, "inventory", fetch=service("inventory").fetch)
+    assert (inventory["fetch.min.bytes"], inventory["fetch.wait.max.ms"]) == ORDER_PATH
+    analytics = consumer_config(settings, "analytics", fetch=service("analytics").fetch)
+    assert (analytics["fetch.min.bytes"], analytics["fetch.wait.max.ms"]) == OFF_PATH
+    assert service("tracker").fetch == ORDER_PATH and service("dlq-logger").fetch == OFF_PATH
+    monkeypatch.setenv("ORDERMESH_KAFKA_FETCH_WAIT_MAX_MS", "50")
+    changed = consumer_config(Settings(bootstrap_servers="h:9"), "inventory", fetch=ORDER_PATH)
+    assert changed["fetch.wait.max.ms"] == "50"
 
 
 def test_user_properties_cannot_change_what_the_guarantees_need(

@@ -25,6 +25,7 @@ def service_runner(
         handler=handler,
         name=spec.name,
         assignment="every-partition" if spec.per_partition_assignment else "group",
+        fetch=spec.fetch,
         **options,
     )
     runner.metrics.watch(runner.stats)  # /health reports the runner's own state

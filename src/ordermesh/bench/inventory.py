@@ -65,6 +65,10 @@ from ordermesh.stores.inventory import (
     StockRow,
 )
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS, SPECS
+from ordermesh.topology import service as service_spec
+
+# the inventory's own fetch tuning, as the service runs it
+INVENTORY_FETCH: Final = service_spec("inventory").fetch
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,7 @@ def _run_mode(
         handler=StdlibDecoding(service) if stdlib_json else service,
         name=f"bench-{mode}",
         pipelined=pipelined,
+        fetch=INVENTORY_FETCH,
     )
     try:
         stats = runner.run(idle_exit_s=2.0)
@@ -369,7 +374,9 @@ def _instance_main(
             events_topic=settings.topic(EVENTS),
             dlq_topic=settings.topic(DLQ),
         )
-        consumer = _GatedConsumer(make_consumer(settings, "inventory"), gate, slot, owned, consumed)
+        consumer = _GatedConsumer(
+            make_consumer(settings, "inventory", fetch=INVENTORY_FETCH), gate, slot, owned, consumed
+        )
         runner = BatchRunner(
             settings,
             group="inventory",

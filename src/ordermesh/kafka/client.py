@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient
 
 from ordermesh.config import Settings, read_client_properties
 from ordermesh.errors import ConfigError, KafkaUnavailableError, OrderMeshError
+from ordermesh.topology import Fetch
 
 ClientConfig = dict[str, Any]
 
@@ -309,9 +310,15 @@ def group_protocol_config(settings: Settings) -> dict[str, Any]:
     return {"group.protocol": "consumer", "group.remote.assignor": "range"}
 
 
-def consumer_config(settings: Settings, group: str, **overrides: Any) -> ClientConfig:
+def consumer_config(
+    settings: Settings, group: str, *, fetch: Fetch | None = None, **overrides: Any
+) -> ClientConfig:
     """OrderMesh's consumer: tuned defaults (user properties may change them), then the
-    guarded properties (they may not), then the caller's ``overrides``."""
+    guarded properties (they may not), then the caller's ``overrides``.
+
+    ``fetch``: how long the broker may hold a fetch (a service's ``ServiceSpec.fetch``);
+    without it, a fetch is answered at its first byte (tools reading once).
+    """
     conf: ClientConfig = {
         "auto.offset.reset": "earliest",
         "max.poll.interval.ms": 120_000,
@@ -319,6 +326,9 @@ def consumer_config(settings: Settings, group: str, **overrides: Any) -> ClientC
         "queued.max.messages.kbytes": 262_144,
         "enable.partition.eof": False,
     }
+    if fetch is not None:
+        conf["fetch.min.bytes"] = fetch.min_bytes
+        conf["fetch.wait.max.ms"] = fetch.max_wait_ms
     if settings.group_protocol == "classic":
         # a classic member's session is the client's to set (KIP-848's is the broker's):
         # the local broker's 10 s, so a killed instance's partitions move on as soon
@@ -348,8 +358,10 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
     return Producer(producer_config(settings, **overrides))
 
 
-def make_consumer(settings: Settings, group: str, **overrides: Any) -> Consumer:
-    return Consumer(consumer_config(settings, group, **overrides))
+def make_consumer(
+    settings: Settings, group: str, *, fetch: Fetch | None = None, **overrides: Any
+) -> Consumer:
+    return Consumer(consumer_config(settings, group, fetch=fetch, **overrides))
 
 
 def make_plain_producer(settings: Settings, **overrides: Any) -> Producer:

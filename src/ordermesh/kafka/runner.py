@@ -61,6 +61,7 @@ from ordermesh.records import (
     truncated_dead_letter,
 )
 from ordermesh.topics import DLQ, SPECS
+from ordermesh.topology import Fetch
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ class BatchRunner:
         outputs: Sequence[str] | None = None,
         assignment: Assignment = "group",
         positions: Positions | None = None,
+        fetch: Fetch | None = None,
     ) -> None:
         """``outputs``: the topics the handler produces to (default: every mesh topic);
         the producer refuses locally what the smallest of their size limits would refuse.
@@ -202,6 +204,8 @@ class BatchRunner:
         ``assignment``: ``group`` joins consumer group ``group``; ``every-partition``
         reads every partition of ``topics`` without joining, each from where
         ``positions`` says (default: the beginning), and commits under ``group``.
+
+        ``fetch``: how long the broker may hold its consumer's fetches (``topology.Fetch``).
         """
         self.settings = settings
         self.topics = list(topics)
@@ -213,7 +217,8 @@ class BatchRunner:
         self._group = group
         # only a consumer of our own making can be replaced to rejoin the group
         self._can_rejoin = consumer is None and assignment == "group"
-        client = consumer or make_consumer(settings, group, on_commit=self._on_commit)
+        self._fetch_tuning = fetch
+        client = consumer or make_consumer(settings, group, fetch=fetch, on_commit=self._on_commit)
         self.consumer: Consumer | EveryPartition = (
             EveryPartition(client, positions) if assignment == "every-partition" else client
         )
@@ -645,7 +650,9 @@ class BatchRunner:
             self._group,
         )
         old = self.consumer
-        self.consumer = make_consumer(self.settings, self._group, on_commit=self._on_commit)
+        self.consumer = make_consumer(
+            self.settings, self._group, fetch=self._fetch_tuning, on_commit=self._on_commit
+        )
         try:
             old.close()
         except (KafkaException, RuntimeError) as exc:
