@@ -867,7 +867,7 @@ def bench_mesh(
         if plan.warm_orders:
             # A new broker compiles its hot paths during its first minutes of load: in a
             # first drain of 200,000 orders its JIT compiler threads took more CPU (2.1 s)
-            # than its request handlers (1.8 s), CPU the services then lacked. Kafka's
+            # than its request threads (1.8 s), CPU the services then lacked. Kafka's
             # tools and the mesh alike are measured on a broker past that, as in service.
             on_step(f"warming the broker: the mesh drains {plan.warm_orders:,} orders, untimed")
             warm = drain_mesh(

@@ -222,7 +222,7 @@ def _throughput_notes(result: Mapping[str, Any]) -> list[str]:
             f" the same broker ({warm['orders_per_s']:,.0f} orders/s"
             + (f"; the broker and the OS took {rest:.1f} µs per order" if rest else "")
             + "): a new broker spends its first minutes of load compiling its hot paths"
-            " (its JIT compiler threads took more CPU than its request handlers in a first"
+            " (its JIT compiler threads took more CPU than its request threads in a first"
             " drain), which a broker in service has long done. Every part below runs after"
             " it."
         )
