@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -864,23 +865,23 @@ def bench_mesh(
     ):
         base = settings.model_copy(update={"bootstrap_servers": bootstrap})
         workdir = Path(tmp)
+        drain = functools.partial(
+            drain_mesh,
+            base,
+            workdir=workdir,
+            db=plan.db,
+            skus=plan.skus,
+            stock=plan.stock,
+            malformed_ratio=plan.malformed_ratio,
+            on_step=on_step,
+        )
         if plan.warm_orders:
             # A new broker compiles its hot paths during its first minutes of load: in a
             # first drain of 200,000 orders its JIT compiler threads took more CPU (2.1 s)
             # than its request threads (1.8 s), CPU the services then lacked. Kafka's
             # tools and the mesh alike are measured on a broker past that, as in service.
             on_step(f"warming the broker: the mesh drains {plan.warm_orders:,} orders, untimed")
-            warm = drain_mesh(
-                base,
-                orders=plan.warm_orders,
-                workdir=workdir,
-                db=plan.db,
-                skus=plan.skus,
-                stock=plan.stock,
-                malformed_ratio=plan.malformed_ratio,
-                on_step=on_step,
-                label="warm-up",
-            )
+            warm = drain(orders=plan.warm_orders, label="warm-up")
             result["warm_up"] = {
                 key: warm[key] for key in ("orders", "seconds", "orders_per_s", "cpu", "verify")
             }
@@ -909,18 +910,7 @@ def bench_mesh(
                 result["python_consume"] = python_consume(perf, records=plan.orders)
         if "drain" in plan.parts:
             result["drain"] = [
-                drain_mesh(
-                    base,
-                    orders=plan.orders,
-                    workdir=workdir,
-                    inventory=count,
-                    db=plan.db,
-                    skus=plan.skus,
-                    stock=plan.stock,
-                    malformed_ratio=plan.malformed_ratio,
-                    on_step=on_step,
-                )
-                for count in plan.inventory
+                drain(orders=plan.orders, inventory=count) for count in plan.inventory
             ]
         drain_rate = result["drain"][0]["orders_per_s"] if result.get("drain") else None
         rates, note = _live_runs(plan, drain_rate)
