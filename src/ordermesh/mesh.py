@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ordermesh.broker.local import LocalCluster
+from ordermesh.broker.local import LocalCluster, free_ports, port_free
 from ordermesh.config import Settings
 from ordermesh.errors import ConfigError, OrderMeshError
 from ordermesh.kafka.admin import ensure_topics
@@ -67,17 +66,9 @@ def parse_instances(text: str | None) -> dict[str, int]:
 
 def port_or_free(preferred: int) -> int:
     """``preferred`` if it is free on loopback, else (or for 0) any free port."""
-    with socket.socket() as s:
-        try:
-            if preferred == 0:
-                raise OSError("any port")
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    if preferred and port_free(preferred):
+        return preferred
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -203,7 +194,7 @@ class Mesh:
             )
         port = settings.broker_port
         last = port + 2 * nodes - 1
-        taken = port and any(port_or_free(p) != p for p in range(port, last + 1))
+        taken = port and not all(port_free(p) for p in range(port, last + 1))
         if taken and existing is None:
             # a new cluster only: an existing one keeps the ports it was formatted with
             log.info("ports %d-%d are taken; the broker takes free ones", port, last)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ordermesh.broker.local import free_ports, pid_alive
+from ordermesh.broker.local import free_port_run, pid_alive
 
 
 def ordermesh(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -25,7 +25,7 @@ def ordermesh(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_up_status_down_and_second_up_starts_nothing(tmp_path: Path) -> None:
-    port = free_ports(1)[0]
+    port = free_port_run(2)  # the broker's port and its controller's
     first = ordermesh("broker", "up", "--port", str(port), data_dir=tmp_path)
     assert first.returncode == 0, first.stderr
     try:
@@ -55,7 +55,7 @@ def test_up_status_down_and_second_up_starts_nothing(tmp_path: Path) -> None:
 
 
 def test_stale_pid_is_detected_and_replaced(tmp_path: Path) -> None:
-    port = free_ports(1)[0]
+    port = free_port_run(2)  # the broker's port and its controller's
     assert ordermesh("broker", "up", "--port", str(port), data_dir=tmp_path).returncode == 0
     state_file = tmp_path / "broker" / "cluster.json"
     try:

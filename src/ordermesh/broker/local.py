@@ -106,6 +106,28 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def port_free(port: int) -> bool:
+    """True if ``port`` can be bound on loopback right now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_run(count: int, attempts: int = 100) -> int:
+    """The first of ``count`` consecutive ports free on loopback right now: what
+    ``broker up --port`` takes (each node its port and the next, for its controller)."""
+    for _ in range(attempts):
+        first = free_ports(1)[0]
+        if first + count - 1 <= 65535 and all(
+            port_free(p) for p in range(first + 1, first + count)
+        ):
+            return first
+    raise BrokerError(f"found no {count} consecutive free ports on loopback")
+
+
 def new_cluster_id() -> str:
     """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
 
@@ -236,6 +258,14 @@ class LocalCluster:
             return state, True
         # port None or 0: any free ports
         ports = [port + i for i in range(2 * nodes)] if port else free_ports(2 * nodes)
+        taken = [p for p in ports if not port_free(p)] if port else []
+        if taken:
+            # said before the JVM starts, rather than as its bind error
+            raise BrokerError(
+                f"port {taken[0]} on 127.0.0.1 is in use: a {nodes}-node cluster from port"
+                f" {port} takes ports {port}-{ports[-1]} (each node's port and the next, for"
+                " its controller); choose another --port"
+            )
         state = ClusterState(
             cluster_id=new_cluster_id(),
             nodes=[NodeState(i + 1, ports[2 * i], ports[2 * i + 1]) for i in range(nodes)],
