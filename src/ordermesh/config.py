@@ -210,6 +210,31 @@ class Settings(BaseSettings):
     api_db: Path | None = None
     api_keys: SecretStr | None = None
 
+    # An order's life (lifecycle.py). A reservation holds this long for its payment; past
+    # it, the inventory's sweep expires it and the stock goes back on the shelf.
+    reservation_ttl_s: float = Field(default=900.0, gt=0)
+    # how often the inventory looks for reservations past their deadline and due restocks
+    sweep_every_s: float = Field(default=1.0, gt=0)
+    # Supply: a sku whose available units fall below ``reorder_point`` is reordered,
+    # ``reorder_quantity`` units arriving ``supplier_delay_s`` later (0 points: never)
+    reorder_point: int = Field(default=20_000, ge=0)
+    reorder_quantity: int = Field(default=100_000, ge=1)
+    supplier_delay_s: float = Field(default=30.0, ge=0)
+
+    # Payment gateway (``ordermesh gateway``, or a real provider's adapter): where the
+    # payments service reaches it; None: the local one on ``gateway_port``
+    gateway_url: str | None = None
+    gateway_port: int = 8070
+    gateway_db: Path | None = None
+    # Payments: its own DB; gateway calls in flight at once per instance; how long one
+    # call may take before its outcome counts as unknown (then looked up by its key)
+    payments_db: Path | None = None
+    payments_concurrency: int = Field(default=128, ge=1)
+    payments_timeout_s: float = Field(default=5.0, gt=0)
+    # Fulfilment: its own DB; the simulated pick-and-pack time of a paid order
+    fulfilment_db: Path | None = None
+    fulfilment_delay_s: float = Field(default=0.5, ge=0)
+
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         yield from super().__repr_args__()
         yield "librdkafka_properties", redacted(self.librdkafka_properties)
@@ -258,6 +283,19 @@ class Settings(BaseSettings):
 
     def api_db_path(self) -> Path:
         return self.api_db or self.data_dir / "api.db"
+
+    def gateway_db_path(self) -> Path:
+        return self.gateway_db or self.data_dir / "gateway.db"
+
+    def payments_db_path(self) -> Path:
+        return self.payments_db or self.data_dir / "payments.db"
+
+    def fulfilment_db_path(self) -> Path:
+        return self.fulfilment_db or self.data_dir / "fulfilment.db"
+
+    def gateway_base_url(self) -> str:
+        """The payment gateway's base URL: ``gateway_url``, or the local gateway's."""
+        return self.gateway_url or f"http://127.0.0.1:{self.gateway_port}"
 
     def api_key_set(self) -> frozenset[str]:
         """The configured API keys (empty: no authentication)."""

@@ -54,7 +54,13 @@ CURRENCIES: Final = frozenset(
 )
 
 RejectReason = Literal["OUT_OF_STOCK", "UNKNOWN_SKU", "INVALID_ORDER"]
-CancelRejectReason = Literal["ORDER_REJECTED"]
+# ORDER_REJECTED: nothing was ever held; ALREADY_SHIPPED: the parcel left; ALREADY_ENDED:
+# the order ended on its own (payment failed, reservation expired)
+CancelRejectReason = Literal["ORDER_REJECTED", "ALREADY_SHIPPED", "ALREADY_ENDED"]
+# why held stock went back on the shelf
+ReleaseCause = Literal["CANCELLED", "EXPIRED", "PAYMENT_FAILED", ""]
+# why an authorization was voided or a capture refunded: the order ended without shipping
+CompensationCause = Literal["CANCELLED", "EXPIRED", "PAYMENT_FAILED"]
 
 Sku = Annotated[str, Meta(min_length=1, max_length=64)]
 OrderId = Annotated[str, Meta(min_length=1, max_length=64)]
@@ -78,6 +84,9 @@ class OrderPlaced(msgspec.Struct, frozen=True):
     total: Amount
     created_at: Annotated[float, Meta(ge=0)]
     schema_version: int = SCHEMA_VERSION
+    # A payment method token the gateway charges (e.g. a test card number); empty: the
+    # customer's default. Not part of the fingerprint: it says how to pay, not what.
+    card: Annotated[str, Meta(max_length=64)] = ""
 
 
 class ItemQty(msgspec.Struct, frozen=True, array_like=False):
@@ -86,6 +95,10 @@ class ItemQty(msgspec.Struct, frozen=True, array_like=False):
 
 
 # --- order events (topic ``order-events``) -------------------------------------------
+#
+# Keyed by order_id, so one order's events are one partition, in order. ``lifecycle.py``
+# says which of them move an order's status (the inventory's: it holds the reservation
+# and decides every race on it) and which only record a fact (payments', fulfilment's).
 
 
 class OrderReserved(msgspec.Struct, frozen=True, tag="OrderReserved", tag_field="type"):
@@ -95,6 +108,11 @@ class OrderReserved(msgspec.Struct, frozen=True, tag="OrderReserved", tag_field=
     currency: str
     order_created_at: float
     at: float
+    # the reservation holds until then (0: for ever, decided before deadlines existed)
+    expires_at: float = 0.0
+    # what payments needs to authorize the order
+    customer_id: str = ""
+    card: str = ""
 
 
 class OrderRejected(msgspec.Struct, frozen=True, tag="OrderRejected", tag_field="type"):
@@ -109,16 +127,19 @@ class StockReleased(msgspec.Struct, frozen=True, tag="StockReleased", tag_field=
     order_id: str
     items: tuple[ItemQty, ...]
     at: float
+    cause: ReleaseCause = ""
 
 
 class OrderCancelled(msgspec.Struct, frozen=True, tag="OrderCancelled", tag_field="type"):
     order_id: str
     at: float
     detail: str = ""
+    # the status it was cancelled from (RESERVED or PAID): PAID holds an authorization
+    stage: str = ""
 
 
 class CancelRejected(msgspec.Struct, frozen=True, tag="CancelRejected", tag_field="type"):
-    """A cancel that cannot apply: the order was rejected, so nothing is held."""
+    """A cancel that cannot apply: nothing is held, or the parcel has left."""
 
     order_id: str
     reason: CancelRejectReason
@@ -126,7 +147,109 @@ class CancelRejected(msgspec.Struct, frozen=True, tag="CancelRejected", tag_fiel
     at: float
 
 
-OrderEvent = OrderReserved | OrderRejected | StockReleased | OrderCancelled | CancelRejected
+class OrderPaid(msgspec.Struct, frozen=True, tag="OrderPaid", tag_field="type"):
+    """The payment came in time: the reserved stock is committed to the order."""
+
+    order_id: str
+    authorization_id: str
+    amount: float
+    at: float
+
+
+class OrderPaymentFailed(
+    msgspec.Struct, frozen=True, tag="OrderPaymentFailed", tag_field="type"
+):
+    """The payment was declined while the reservation held: the order ends, stock back."""
+
+    order_id: str
+    reason: str
+    detail: str
+    at: float
+
+
+class ReservationExpired(
+    msgspec.Struct, frozen=True, tag="ReservationExpired", tag_field="type"
+):
+    """No payment came before the reservation's deadline: the order ends, stock back."""
+
+    order_id: str
+    expires_at: float
+    at: float
+
+
+class OrderShipped(msgspec.Struct, frozen=True, tag="OrderShipped", tag_field="type"):
+    """The packed parcel left: the committed stock leaves the warehouse."""
+
+    order_id: str
+    shipment_id: str
+    at: float
+
+
+class PaymentAuthorized(
+    msgspec.Struct, frozen=True, tag="PaymentAuthorized", tag_field="type"
+):
+    order_id: str
+    authorization_id: str
+    amount: float
+    currency: str
+    at: float
+
+
+class PaymentDeclined(msgspec.Struct, frozen=True, tag="PaymentDeclined", tag_field="type"):
+    order_id: str
+    reason: str
+    detail: str
+    at: float
+
+
+class PaymentCaptured(msgspec.Struct, frozen=True, tag="PaymentCaptured", tag_field="type"):
+    order_id: str
+    authorization_id: str
+    amount: float
+    at: float
+
+
+class PaymentVoided(msgspec.Struct, frozen=True, tag="PaymentVoided", tag_field="type"):
+    order_id: str
+    authorization_id: str
+    amount: float
+    cause: CompensationCause
+    at: float
+
+
+class PaymentRefunded(msgspec.Struct, frozen=True, tag="PaymentRefunded", tag_field="type"):
+    order_id: str
+    authorization_id: str
+    amount: float
+    cause: CompensationCause
+    at: float
+
+
+class ShipmentReady(msgspec.Struct, frozen=True, tag="ShipmentReady", tag_field="type"):
+    """Fulfilment picked and packed a paid order; the inventory decides whether it ships."""
+
+    order_id: str
+    shipment_id: str
+    at: float
+
+
+OrderEvent = (
+    OrderReserved
+    | OrderRejected
+    | StockReleased
+    | OrderCancelled
+    | CancelRejected
+    | OrderPaid
+    | OrderPaymentFailed
+    | ReservationExpired
+    | OrderShipped
+    | PaymentAuthorized
+    | PaymentDeclined
+    | PaymentCaptured
+    | PaymentVoided
+    | PaymentRefunded
+    | ShipmentReady
+)
 OUTCOME_TYPES: Final = ("OrderReserved", "OrderRejected")
 
 
@@ -139,13 +262,26 @@ class CancelOrder(msgspec.Struct, frozen=True, tag="CancelOrder", tag_field="typ
     reason: Annotated[str, Meta(max_length=MAX_CANCEL_REASON)] = ""
 
 
-OrderCommand = CancelOrder
+class ExpireReservation(
+    msgspec.Struct, frozen=True, tag="ExpireReservation", tag_field="type"
+):
+    """Asked by the inventory's deadline sweep; keyed by order_id, so it is ordered with
+    the order's cancels and a repeated one changes nothing."""
+
+    order_id: OrderId
+    requested_at: float
 
 
-class _CommandTag(msgspec.Struct):
-    # msgspec requires the tag only when decoding a union; while OrderCommand is a single
-    # struct, a message without "type" would silently decode as a CancelOrder.
-    type: str
+class Restock(msgspec.Struct, frozen=True, tag="Restock", tag_field="type"):
+    """Units arriving for a sku; keyed by sku. ``restock_id`` makes a redelivery a no-op."""
+
+    restock_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    sku: Sku
+    quantity: Annotated[int, Meta(ge=1, le=100_000_000)]
+    requested_at: float
+
+
+OrderCommand = CancelOrder | ExpireReservation | Restock
 
 
 _T = TypeVar("_T")
@@ -153,8 +289,7 @@ _T = TypeVar("_T")
 _encoder = msgspec.json.Encoder()
 _order_decoder = msgspec.json.Decoder(OrderPlaced)
 _event_decoder: msgspec.json.Decoder[OrderEvent] = msgspec.json.Decoder(OrderEvent)
-_command_decoder = msgspec.json.Decoder(OrderCommand)
-_command_tag_decoder = msgspec.json.Decoder(_CommandTag)
+_command_decoder: msgspec.json.Decoder[OrderCommand] = msgspec.json.Decoder(OrderCommand)
 _fingerprint_encoder = msgspec.msgpack.Encoder()
 
 
@@ -277,7 +412,6 @@ def decode_command(raw: bytes | None) -> OrderCommand:
     """Decode an order command; any failure is a DecodeError keeping ``raw``."""
     if raw is None:
         raise DecodeError("empty command value", raw=raw, kind="schema")
-    _decode(_command_tag_decoder, raw, "bad command")
     return _decode(_command_decoder, raw, "bad command")
 
 
