@@ -15,6 +15,9 @@
     │   └── AckDeadlineError     a stop's deadline passed with acknowledgements outstanding
     ├── StoreError               a database operation failed
     │   └── StoreConflictError   a concurrent transaction won a lock or a row; retry the batch
+    ├── GatewayError             a payment gateway call gave no outcome
+    │   ├── GatewayUnavailableError    not applied (5xx, refused): retry, same key
+    │   └── GatewayUnknownOutcomeError no answer (timeout, lost reply): look the key up
     └── VerificationError        `ordermesh verify` found a broken invariant
 """
 
@@ -88,6 +91,18 @@ class StoreConflictError(StoreError):
     """A transaction lost to a concurrent one (deadlock, serialization failure, a row
     another instance stored first) and was rolled back; running it again from scratch,
     re-reading everything, is expected to succeed."""
+
+
+class GatewayError(OrderMeshError):
+    """A payment gateway call that did not produce an outcome."""
+
+
+class GatewayUnavailableError(GatewayError):
+    """The call was not applied (5xx, connection refused): retry later, same key."""
+
+
+class GatewayUnknownOutcomeError(GatewayError):
+    """No answer came: the call may have been applied. Look the key up before retrying."""
 
 
 class VerificationError(OrderMeshError):

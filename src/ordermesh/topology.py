@@ -66,15 +66,47 @@ class ServiceSpec:
 
 
 SERVICES: Final[tuple[ServiceSpec, ...]] = (
+    # first: payments reaches it from its start
+    ServiceSpec(
+        "gateway",
+        ("gateway",),
+        group=None,
+        consumes=(),
+        produces=(),
+        http=True,
+        owns="its ledger (the ground truth for money)",
+    ),
     ServiceSpec(
         "inventory",
         ("inventory", "run"),
         group="inventory",
-        consumes=(ORDERS, COMMANDS),
+        # order-events: the payments' and fulfilment's facts it decides on; it produces
+        # order-commands itself (its deadline sweep's expiries and due restocks)
+        consumes=(ORDERS, COMMANDS, EVENTS),
+        produces=(EVENTS, COMMANDS, DLQ),
+        scalable=True,
+        stateful=True,
+        owns="stock, reservations, deadlines, restocks",
+    ),
+    ServiceSpec(
+        "payments",
+        ("payments", "run"),
+        group="payments",
+        consumes=(EVENTS,),
         produces=(EVENTS, DLQ),
         scalable=True,
         stateful=True,
-        owns="stock, reservations",
+        owns="one row per order and operation, with its idempotency key",
+    ),
+    ServiceSpec(
+        "fulfilment",
+        ("fulfilment", "run"),
+        group="fulfilment",
+        consumes=(EVENTS,),
+        produces=(EVENTS, DLQ),
+        scalable=True,
+        stateful=True,
+        owns="shipments",
     ),
     ServiceSpec(
         "tracker",
