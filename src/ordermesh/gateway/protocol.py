@@ -51,9 +51,13 @@ class Outcome(NamedTuple):
 
 
 class PaymentGateway(Protocol):
-    """A card processor's API, as payments uses it. Amounts are integer cents."""
+    """A card processor's API, as payments uses it. Amounts are integer cents.
 
-    def authorize(
+    Asynchronous: payments keeps many calls in flight at once (a slow gateway must not
+    serialise a partition), on one event loop rather than a thread per call.
+    """
+
+    async def authorize(
         self,
         key: str,
         *,
@@ -64,14 +68,14 @@ class PaymentGateway(Protocol):
         card: str,
     ) -> Outcome: ...
 
-    def capture(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome: ...
+    async def capture(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome: ...
 
-    def void(self, key: str, *, authorization_id: str) -> Outcome: ...
+    async def void(self, key: str, *, authorization_id: str) -> Outcome: ...
 
-    def refund(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome: ...
+    async def refund(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome: ...
 
-    def lookup(self, key: str) -> Outcome | None:
+    async def lookup(self, key: str) -> Outcome | None:
         """The outcome recorded under ``key``; None: the gateway never applied it."""
         ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
