@@ -81,9 +81,7 @@ TRANSITIONS: Final[tuple[Transition, ...]] = (
     Transition("PLACED", "OrderReserved", "RESERVED", "inventory", "OrderPlaced, stock enough"),
     Transition("PLACED", "OrderRejected", "REJECTED", "inventory", "OrderPlaced, stock short"),
     Transition("RESERVED", "OrderPaid", "PAID", "inventory", "PaymentAuthorized in time"),
-    Transition(
-        "RESERVED", "OrderPaymentFailed", "PAYMENT_FAILED", "inventory", "PaymentDeclined"
-    ),
+    Transition("RESERVED", "OrderPaymentFailed", "PAYMENT_FAILED", "inventory", "PaymentDeclined"),
     Transition(
         "RESERVED", "ReservationExpired", "EXPIRED", "inventory", "the reservation's deadline"
     ),

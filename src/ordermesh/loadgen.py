@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import logging
 import math
@@ -80,6 +81,20 @@ FLUSH_TIMEOUT_S: Final = 60.0
 PROGRESS_EVERY_S: Final = 0.25
 
 
+# Test cards the gateway knows (docs/payments.md): one that pays, two that decline.
+CARD_OK: Final = "4242424242424242"
+DECLINING_CARDS: Final = ("4000000000000002", "4000000000009995")
+# What `ordermesh load` does unless told otherwise: every branch of an order's life shows
+# up (lifecycle.py). Declines fail the payment; cancels come at a random moment in the
+# first seconds of an order, so some land before its payment, some after it, and some
+# after its shipment (refused).
+DEFAULT_DECLINE_RATIO: Final = 0.03
+DEFAULT_CANCEL_RATIO: Final = 0.02
+CANCEL_WITHIN_S: Final = 3.0
+CANCEL_REASON: Final = "customer changed their mind"
+# how long a finished run waits for its last cancels to come due
+CANCEL_DRAIN_S: Final = CANCEL_WITHIN_S + 1.0
+
 # the catalogue `up`, `inventory seed` and `load` agree on unless told otherwise
 DEFAULT_SKUS: Final = 1000
 DEFAULT_STOCK: Final = 100_000
@@ -115,6 +130,8 @@ class GeneratedMessage:
     key: bytes
     value: bytes
     malformed: MalformedKind | None
+    # seconds after placing it that its customer cancels it (None: never)
+    cancel_after: float | None = None
 
 
 class OrderGenerator:
@@ -131,6 +148,8 @@ class OrderGenerator:
         zipf_s: float = 1.1,
         malformed_ratio: float = 0.0,
         *,
+        decline_ratio: float = 0.0,
+        cancel_ratio: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if skus < 1:
@@ -139,7 +158,14 @@ class OrderGenerator:
             raise ConfigError(f"zipf_s must be a finite number >= 0, got {zipf_s}")
         if not 0.0 <= malformed_ratio <= 1.0:
             raise ConfigError(f"malformed_ratio must be within [0, 1], got {malformed_ratio}")
+        for name, ratio in (("decline_ratio", decline_ratio), ("cancel_ratio", cancel_ratio)):
+            if not 0.0 <= ratio <= 1.0:
+                raise ConfigError(f"{name} must be within [0, 1], got {ratio}")
         self.seed = seed
+        self.decline_ratio = decline_ratio
+        self.cancel_ratio = cancel_ratio
+        # a stream of its own: cards and cancels leave the seed's orders as they were
+        self._life_rng = Random(f"life-{seed}")
         self.skus = skus
         self.malformed_ratio = malformed_ratio
         self._clock = clock
@@ -190,6 +216,11 @@ class OrderGenerator:
             cents = self._prices[sku - 1]
             total_cents += quantity * cents
             items.append(schema.OrderItem(self._names[sku - 1], quantity, cents / 100))
+        card = ""
+        if self.decline_ratio > 0:
+            life = self._life_rng
+            declines = life.random() < self.decline_ratio
+            card = DECLINING_CARDS[life.randrange(len(DECLINING_CARDS))] if declines else CARD_OK
         return schema.OrderPlaced(
             order_id=self._order_id(self._n),
             customer_id=f"cust-{rng.randint(1, CUSTOMERS):05d}",
@@ -198,6 +229,7 @@ class OrderGenerator:
             # cents / 100 is the double nearest to the exact amount, as a JSON reader parses it
             total=total_cents / 100,
             created_at=self._clock(),
+            card=card,
         )
 
     def next(self) -> GeneratedMessage:
@@ -205,7 +237,10 @@ class OrderGenerator:
         if self.malformed_ratio > 0 and self._rng.random() < self.malformed_ratio:
             return self._next_malformed()
         order = self.next_order()
-        return GeneratedMessage(order.order_id.encode(), schema.encode(order), None)
+        cancel_after = None
+        if self.cancel_ratio > 0 and self._life_rng.random() < self.cancel_ratio:
+            cancel_after = self._life_rng.uniform(0.05, CANCEL_WITHIN_S)
+        return GeneratedMessage(order.order_id.encode(), schema.encode(order), None, cancel_after)
 
     def _next_malformed(self) -> GeneratedMessage:
         # cycle through the kinds so every kind shows up even at low ratios
@@ -262,6 +297,8 @@ class LoadSummary:
     elapsed_s: float
     rate: float
     seed: int
+    # CancelOrder commands sent (on order-commands; not counted in ``sent``)
+    cancels_sent: int = 0
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -295,12 +332,16 @@ def run_load(
     skus: int,
     progress: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
+    decline_ratio: float = 0.0,
+    cancel_ratio: float = 0.0,
 ) -> LoadSummary:
     """Produce generated orders to the ``orders`` topic until ``count`` or ``duration``.
 
     With neither, it runs until ``stop`` is set (the CLI sets it on SIGINT and SIGTERM)
     or Ctrl-C. ``rate`` is messages per second, None for as fast as possible. What was
-    sent is still flushed and summarised.
+    sent is still flushed and summarised. ``decline_ratio`` of the orders pay with a
+    declining card; ``cancel_ratio`` are cancelled (``CancelOrder`` on order-commands)
+    within ``CANCEL_WITHIN_S`` of being placed; a run that ends waits for those.
     """
     if count is not None and count < 0:
         raise ConfigError(f"count must be >= 0, got {count}")
@@ -308,8 +349,36 @@ def run_load(
         raise ConfigError(f"duration must be > 0 seconds, got {duration}")
     if rate is not None and not (rate > 0 and math.isfinite(rate)):
         raise ConfigError(f"rate must be a positive number, got {rate}")
-    generator = OrderGenerator(seed, skus=skus, malformed_ratio=malformed_ratio)
+    generator = OrderGenerator(
+        seed,
+        skus=skus,
+        malformed_ratio=malformed_ratio,
+        decline_ratio=decline_ratio,
+        cancel_ratio=cancel_ratio,
+    )
     topic = settings.topic("orders")
+    commands_topic = settings.topic("order-commands")
+    # (due on the monotonic clock, order id) of the cancels to send
+    cancels: list[tuple[float, str]] = []
+    cancels_sent = cancels_failed = 0
+
+    def cancel_delivered(err: Any, _msg: Any) -> None:
+        nonlocal cancels_failed
+        if err is not None:
+            cancels_failed += 1
+
+    def send_due_cancels(now: float) -> None:
+        nonlocal cancels_sent
+        while cancels and cancels[0][0] <= now:
+            _due, order_id = heapq.heappop(cancels)
+            command = schema.CancelOrder(
+                order_id=order_id, requested_at=time.time(), reason=CANCEL_REASON
+            )
+            # a callback of its own: the orders' counters count orders only
+            value, key = schema.encode(command), order_id.encode()
+            if producer.produce(commands_topic, value, key, on_delivery=cancel_delivered):
+                cancels_sent += 1
+
     acked = failed = 0
 
     def on_delivery(err: Any, _msg: Any) -> None:
@@ -335,6 +404,8 @@ def run_load(
             if now >= next_progress and progress is not None:
                 progress(sent)
                 next_progress = now + PROGRESS_EVERY_S
+            if cancels:
+                send_due_cancels(now)
             budget = MAX_CHUNK if bucket is None else min(bucket.take(now), MAX_CHUNK)
             if budget == 0:
                 # wait for the next slice while serving delivery reports; what was produced
@@ -355,11 +426,23 @@ def run_load(
                 sent += 1
                 if message.malformed is not None:
                     malformed += 1
+                elif message.cancel_after is not None:
+                    heapq.heappush(cancels, (now + message.cancel_after, message.key.decode()))
             producer.poll(0)
+        if cancels and not (stop is not None and stop.is_set()):
+            # the run is over; its customers who meant to cancel still do
+            drain_end = time.monotonic() + CANCEL_DRAIN_S
+            while cancels and time.monotonic() < drain_end:
+                producer.poll(min(SLICE_S, max(0.0, cancels[0][0] - time.monotonic())))
+                send_due_cancels(time.monotonic())
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("load interrupted after %d messages; flushing", sent)
     interrupted = interrupted or (stop is not None and stop.is_set())
+    if cancels:
+        logger.info("load: %d cancels not sent (the run was stopped first)", len(cancels))
+    if cancels_failed:
+        logger.warning("load: %d cancels were not acknowledged", cancels_failed)
     if progress is not None:
         progress(sent)
     unflushed = _flush(producer)
@@ -373,10 +456,11 @@ def run_load(
         elapsed_s=elapsed,
         rate=sent / elapsed if elapsed > 0 else 0.0,
         seed=seed,
+        cancels_sent=cancels_sent,
     )
     logger.info(
         "load %s: topic=%s sent=%d acknowledged=%d failed=%d (unflushed %d) malformed=%d "
-        "elapsed=%.2fs rate=%.0f/s seed=%d",
+        "cancels=%d elapsed=%.2fs rate=%.0f/s seed=%d",
         "interrupted" if interrupted else "done",
         topic,
         summary.sent,
@@ -384,6 +468,7 @@ def run_load(
         summary.failed,
         unflushed,
         summary.malformed_sent,
+        summary.cancels_sent,
         summary.elapsed_s,
         summary.rate,
         seed,

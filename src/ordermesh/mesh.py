@@ -40,6 +40,7 @@ GROUP_TOPICS = group_topics()
 STATEFUL_GROUP_TOPICS = group_topics(stateful_only=True)
 # started by ``start_load`` with its own rate and limits, not with the services
 LOAD = "load"
+GATEWAY = "gateway"
 # what puts orders in: stopped first, so the consumers can finish what was accepted
 INPUTS = (LOAD, "api")
 
@@ -156,11 +157,17 @@ class Mesh:
             store.close()
 
         # the first instance of an HTTP service gets the planned port, the others free ones
-        http_ports = {"analytics": self.plan.analytics_port, "api": self.plan.api_port}
+        http_ports = {
+            "analytics": self.plan.analytics_port,
+            "api": self.plan.api_port,
+            "gateway": settings.gateway_port,
+        }
         sup = self.supervisor
         for spec in SERVICES:
             if spec.name == LOAD:
                 continue
+            if spec.name == GATEWAY and settings.gateway_url:
+                continue  # payments talks to the configured gateway (a real provider's)
             count = self.plan.instances.get(spec.name, 1) if spec.scalable else 1
             names = self.instances.setdefault(spec.name, [])
             for i in range(1, count + 1):
@@ -170,7 +177,10 @@ class Mesh:
                 if spec.http:
                     port = port_or_free(http_ports.get(spec.name, 0) if i == 1 else 0)
                     sup.add(name, [*spec.command, "--port", str(port)], env=env)
-                    if spec.name == "api":
+                    if spec.name == GATEWAY:
+                        # every child (payments, verify) reaches the gateway on this port
+                        self._use_settings(self.settings.model_copy(update={"gateway_port": port}))
+                    elif spec.name == "api":
                         self.api_urls.append(f"http://127.0.0.1:{port}")
                     elif spec.name == "analytics":
                         self.dashboard_url = f"http://127.0.0.1:{port}/"

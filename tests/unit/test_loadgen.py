@@ -246,26 +246,38 @@ class FakeProducer:
         self.fail_every = fail_every
         self.queue: list[tuple[str, bytes, bytes]] = []
         self.produced: list[tuple[str, bytes, bytes]] = []
+        # per-message callbacks, which librdkafka calls instead of the producer's own
+        self.callbacks: dict[int, Callable[[Any, Any], None]] = {}
         self.calls = 0
         self.delivered = 0
         self.buffer_errors = 0
         self.polls = 0
 
-    def produce(self, topic: str, value: bytes, key: bytes) -> None:
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+    ) -> None:
         self.calls += 1
         # the local queue is "full" on every 700th call, to exercise the retry
         if self.calls % 700 == 0:
             self.buffer_errors += 1
             raise BufferError("Local: Queue full")
-        self.queue.append((topic, value, key))
-        self.produced.append((topic, value, key))
+        record = (topic, value, key)
+        if on_delivery is not None:
+            self.callbacks[id(record)] = on_delivery
+        self.queue.append(record)
+        self.produced.append(record)
 
     def _deliver(self) -> int:
         served = len(self.queue)
         for record in self.queue:
             self.delivered += 1
             failed = self.fail_every and self.delivered % self.fail_every == 0
-            self.on_delivery("boom" if failed else None, record)
+            callback = self.callbacks.pop(id(record), self.on_delivery)
+            callback("boom" if failed else None, record)
         self.queue.clear()
         return served
 
@@ -464,3 +476,59 @@ def test_random_seeds_fit_order_ids() -> None:
         seed = loadgen.random_seed()
         assert 1 <= seed < loadgen.RANDOM_SEED_LIMIT
         OrderGenerator(seed, skus=5)  # raises if its order ids could pass 64 characters
+
+
+# --- every branch of an order's life ------------------------------------------------------
+
+
+def test_declines_and_cancels_leave_the_seeds_orders_as_they_were() -> None:
+    plain = OrderGenerator(5, clock=fixed_clock)
+    lively = OrderGenerator(5, decline_ratio=0.3, cancel_ratio=0.3, clock=fixed_clock)
+    for _ in range(500):
+        a, b = plain.next_order(), lively.next_order()
+        assert a.order_id == b.order_id and a.items == b.items and a.total == b.total
+        assert a.card == "" and b.card in (loadgen.CARD_OK, *loadgen.DECLINING_CARDS)
+
+
+def test_decline_and_cancel_shares_follow_their_ratios() -> None:
+    generator = OrderGenerator(9, decline_ratio=0.1, cancel_ratio=0.05, clock=fixed_clock)
+    messages = [generator.next() for _ in range(20_000)]
+    cards = [schema.decode_order(m.value).card for m in messages]
+    declining = sum(card in loadgen.DECLINING_CARDS for card in cards)
+    cancels = [m.cancel_after for m in messages if m.cancel_after is not None]
+    assert 0.08 < declining / len(messages) < 0.12
+    assert 0.04 < len(cancels) / len(messages) < 0.06
+    assert all(0.05 <= after <= loadgen.CANCEL_WITHIN_S for after in cancels)
+    # both declining cards show up
+    assert {card for card in cards if card in loadgen.DECLINING_CARDS} == set(
+        loadgen.DECLINING_CARDS
+    )
+
+
+def test_run_load_sends_each_planned_cancel_for_its_order(
+    fake_producer: list[FakeProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loadgen, "CANCEL_WITHIN_S", 0.2)
+    monkeypatch.setattr(loadgen, "CANCEL_DRAIN_S", 5.0)
+    summary = loadgen.run_load(
+        Settings(),
+        count=400,
+        duration=None,
+        rate=None,
+        malformed_ratio=0.0,
+        seed=3,
+        skus=50,
+        cancel_ratio=0.25,
+    )
+    (producer,) = fake_producer
+    orders = {key for topic, _, key in producer.produced if topic == "orders"}
+    cancels = [
+        schema.decode_command(value)
+        for topic, value, _ in producer.produced
+        if topic == "order-commands"
+    ]
+    assert summary.sent == 400 and len(orders) == 400
+    assert summary.cancels_sent == len(cancels) > 50
+    assert all(c.order_id.encode() in orders for c in cancels)
+    # the orders' counters count orders only: the cancels' acks went elsewhere
+    assert summary.acknowledged + summary.failed == 400
