@@ -179,3 +179,18 @@ def timeline(events: list[str]) -> tuple[Status, list[str]]:
                 continue
         status = target
     return status, undeclared
+
+
+def markdown_table() -> str:
+    """The transitions and facts as the Markdown table ARCHITECTURE.md shows (a test
+    keeps the two equal)."""
+    rows = [
+        "| from | event | to | emitted by | on |",
+        "|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {t.source} | `{t.event}` | {t.target} | {t.owner} | {t.trigger} |"
+        for t in TRANSITIONS
+    ]
+    rows += [f"| — | `{f.event}` | — | {f.owner} | {f.meaning} |" for f in FACTS]
+    return "\n".join(rows) + "\n"

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from ordermesh import schema
+from ordermesh.audit import AuditReport, Life, Lives, Money, audit
 from ordermesh.config import Settings
 from ordermesh.errors import DecodeError, StoreError
 from ordermesh.kafka.client import kafka_errors
@@ -67,6 +68,8 @@ from ordermesh.topology import group_topics
 MAX_LISTED: Final = 20
 INVENTORY: Final = "inventory"
 TRACKER: Final = "tracker"
+# the services that act on an order's events after the inventory decided it
+LIFE_GROUPS: Final = ("payments", "fulfilment")
 
 _T = TypeVar("_T")
 
@@ -109,6 +112,8 @@ class VerifyReport:
     deleted_by_retention: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     violation_counts: Counter[str] = field(default_factory=Counter)
+    # the audit of every order's life (statuses, money), once run
+    lifecycle: dict[str, object] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -155,7 +160,17 @@ class VerifyReport:
             "deleted_by_retention": self.deleted_by_retention,
             "violation_counts": dict(self.violation_counts),
             "violations": self.violations,
+            "lifecycle": self.lifecycle,
         }
+
+    def add_audit(self, found: AuditReport) -> None:
+        """The audit's findings as this report's violations and pending checks."""
+        self.lifecycle = found.as_dict()
+        for kind, detail in found.violations:
+            self.violate(kind, detail)
+        for kind, count in found.pending.items():
+            self.pending += count
+            self.pending_counts[kind] += count
 
 
 @dataclass
@@ -171,6 +186,7 @@ class Observed:
     reserved_items: dict[str, tuple[schema.ItemQty, ...]] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
     cancel_rejected: set[str] = field(default_factory=set)
+    cancel_reject_reasons: dict[str, set[str]] = field(default_factory=dict)
     released_skus: set[str] = field(default_factory=set)
     # (partition, offset) of order-events records that do not decode
     undecodable_events: list[tuple[int, int]] = field(default_factory=list)
@@ -192,6 +208,8 @@ class Observed:
     unsettled_skus: set[str] = field(default_factory=set)
     # where retention deleted the start of a partition (read after the topics)
     deleted: Deleted = field(default_factory=dict)
+    # every order's events in topic order, for the audit of its life
+    lives: Lives = field(default_factory=Lives)
 
     def trimmed(self, *topics: str) -> bool:
         """Whether retention deleted records of any of ``topics`` (names without prefix)."""
@@ -275,7 +293,10 @@ def observe(settings: Settings, progress: Progress | None = None) -> Observed:
         except DecodeError:
             obs.invalid_commands.add((rec.partition, rec.offset))
             continue
-        obs.cancels.append((command.order_id, rec.partition, rec.offset))
+        if isinstance(command, schema.CancelOrder):
+            obs.cancels.append((command.order_id, rec.partition, rec.offset))
+        # an ExpireReservation may find its order paid meanwhile, a Restock changes stock
+        # only: neither must have an event of its own
 
     for rec in read_topic(settings, settings.topic(EVENTS)):
         try:
@@ -285,6 +306,8 @@ def observe(settings: Settings, progress: Progress | None = None) -> Observed:
             continue
         if _unsettled(tracker_events_done, rec.partition, rec.offset):
             obs.tracker_unsettled.add(event.order_id)
+        assert rec.value is not None
+        obs.lives.add(rec.partition, rec.offset, rec.value, event)
         if isinstance(event, schema.OrderReserved | schema.OrderRejected):
             assert rec.value is not None
             obs.outcomes[event.order_id][rec.value] += 1
@@ -294,7 +317,8 @@ def observe(settings: Settings, progress: Progress | None = None) -> Observed:
             obs.cancelled.add(event.order_id)
         elif isinstance(event, schema.CancelRejected):
             obs.cancel_rejected.add(event.order_id)
-        else:
+            obs.cancel_reject_reasons.setdefault(event.order_id, set()).add(event.reason)
+        elif isinstance(event, schema.StockReleased):
             obs.released_skus.update(item.sku for item in event.items)
 
     from_orders, from_commands = orders_topic.encode(), commands_topic.encode()
@@ -397,18 +421,32 @@ def check_topics(report: VerifyReport, obs: Observed) -> None:
                 pending=pending,
                 unverifiable=events_trimmed,
             )
-        if order_id in obs.cancel_rejected and not any(
-            isinstance(schema.decode_event(copy), schema.OrderRejected)
-            for copy in obs.outcomes.get(order_id, ())
-        ):
-            report.judge(
-                "cancel_conflicts_outcome",
-                f"order {order_id} refused a cancel (CancelRejected) but was not rejected",
-                pending=pending,
-                unverifiable=events_trimmed,
-            )
+        for reason in obs.cancel_reject_reasons.get(order_id, ()):
+            if not _refusal_fits(reason, order_id, obs):
+                report.judge(
+                    "cancel_conflicts_outcome",
+                    f"order {order_id} refused a cancel ({reason}) that its life rules out",
+                    pending=pending,
+                    unverifiable=events_trimmed,
+                )
     for part, off in obs.undecodable_events:
         report.violate("undecodable_event", f"order-events[{part}]@{off} does not decode")
+
+
+def _refusal_fits(reason: str, order_id: str, obs: Observed) -> bool:
+    """Whether a ``CancelRejected`` of ``reason`` agrees with the order's life: only a
+    rejected order has nothing to cancel, only a shipped one has left, only an expired or
+    declined one ended on its own."""
+    if reason == "ORDER_REJECTED":
+        return any(
+            isinstance(schema.decode_event(copy), schema.OrderRejected)
+            for copy in obs.outcomes.get(order_id, ())
+        )
+    life = obs.lives.by_order.get(order_id)
+    events = set(life.events) if life is not None else set()
+    if reason == "ALREADY_SHIPPED":
+        return "OrderShipped" in events
+    return bool(events & {"ReservationExpired", "OrderPaymentFailed"})
 
 
 def check_inventory_db(
@@ -609,7 +647,44 @@ def _read_or_error(read: Callable[[Settings], _T], settings: Settings) -> tuple[
 
 def consuming_groups(*, check_tracker: bool = True) -> list[str]:
     """The consumer groups whose work verify checks."""
-    return [INVENTORY, TRACKER] if check_tracker else [INVENTORY]
+    return [INVENTORY, TRACKER, *LIFE_GROUPS] if check_tracker else [INVENTORY, *LIFE_GROUPS]
+
+
+def events_settled(progress: Progress) -> Callable[[str, Life], bool]:
+    """Whether every group that acts on ``order-events`` committed an order's last event.
+
+    A group that committed nothing on it is taken as not deployed (a mesh without
+    payments, say): it holds nothing up.
+    """
+    done = [
+        committed
+        for (group, topic), committed in progress.items()
+        if topic == EVENTS and any(committed.values())
+    ]
+
+    def settled(_order_id: str, life: Life) -> bool:
+        partition, offset = life.last
+        return all(offset < committed.get(partition, 0) for committed in done)
+
+    return settled
+
+
+def audit_lives(
+    settings: Settings,
+    obs: Observed,
+    progress: Progress,
+    money: Mapping[str, Money] | None,
+    *,
+    now: float | None = None,
+) -> AuditReport:
+    """The audit of every order's life on the topics (and of its money, when given)."""
+    return audit(
+        obs.lives,
+        money,
+        now=time.time() if now is None else now,
+        settled=events_settled(progress),
+        fulfilment_delay_s=settings.fulfilment_delay_s,
+    )
 
 
 # verify()'s parameter shadows the function of the same name
@@ -642,6 +717,7 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
             report.violate("tracker_store_missing", f"no tracker store: {tracker_error}")
         else:
             _check_tracker(report, obs, db_orders, tracker)
+    report.add_audit(audit_lives(settings, obs, progress, None))
     return report
 
 

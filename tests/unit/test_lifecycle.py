@@ -271,3 +271,13 @@ def test_money_by_order_counts_approved_operations_only() -> None:
 def test_life_status_matches_timeline() -> None:
     life = Life(events=["OrderReserved", "OrderPaid"])
     assert life.status() == ("PAID", [])
+
+
+def test_architecture_shows_the_declared_table() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "ARCHITECTURE.md").read_text()
+    assert lifecycle.markdown_table() in text, (
+        "ARCHITECTURE.md's lifecycle table differs from lifecycle.py; it should read:\n"
+        + lifecycle.markdown_table()
+    )

@@ -267,8 +267,17 @@ def test_an_undecodable_command_without_dlq_entry_fails() -> None:
 def test_a_cancel_effect_the_outcome_rules_out_fails() -> None:
     obs, stock, movements, db = consistent()
     obs.cancel_rejected.add("o1")  # o1 was reserved: a refusal is wrong
+    obs.cancel_reject_reasons["o1"] = {"ORDER_REJECTED"}
     report = check(obs, stock, movements, db)
     assert report.violation_counts == {"cancel_conflicts_outcome": 1}
+
+    # o1 was neither shipped nor ended by itself: "too late" refusals are wrong too
+    for reason in ("ALREADY_SHIPPED", "ALREADY_ENDED"):
+        obs, stock, movements, db = consistent()
+        obs.cancel_rejected.add("o1")
+        obs.cancel_reject_reasons["o1"] = {reason}
+        report = check(obs, stock, movements, db)
+        assert report.violation_counts == {"cancel_conflicts_outcome": 1}, reason
 
     obs, stock, movements, db = consistent()
     obs.cancelled.add("o2")  # o2 was rejected: nothing to cancel
