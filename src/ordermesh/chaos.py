@@ -40,7 +40,7 @@ from ordermesh.kafka.client import kafka_errors, make_admin, make_plain_producer
 from ordermesh.kafka.lag import group_lag
 from ordermesh.kafka.reader import end_offsets
 from ordermesh.loadgen import LoadSummary, OrderGenerator, run_load
-from ordermesh.mesh import GROUP_TOPICS, Mesh, MeshPlan, fetch_json
+from ordermesh.mesh import Mesh, MeshPlan, fetch_json
 from ordermesh.stores.factory import open_inventory_store
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 
@@ -213,7 +213,7 @@ class Trial:
             group: sum(
                 group_lag(self.settings, group, [self.settings.topic(t) for t in topics]).values()
             )
-            for group, topics in GROUP_TOPICS.items()
+            for group, topics in self.mesh.groups().items()
         }
 
     def drained(self) -> bool:
@@ -939,7 +939,7 @@ def run_scenario(
     if cluster is not None:
         update["bootstrap_servers"] = cluster.load_state().bootstrap_servers
     settings = base.model_copy(update=update)
-    plan = MeshPlan(skus=SKUS, stock=STOCK, api_port=0, analytics_port=0)
+    plan = MeshPlan(skus=SKUS, stock=STOCK, api_port=0, analytics_port=0, lifecycle=False)
     plan.instances["inventory"] = scenario.inventories
     mesh = Mesh(settings, plan)
     trial = Trial(scenario, mesh, cluster, quick)

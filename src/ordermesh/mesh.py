@@ -11,7 +11,7 @@ import logging
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,8 @@ STATEFUL_GROUP_TOPICS = group_topics(stateful_only=True)
 # started by ``start_load`` with its own rate and limits, not with the services
 LOAD = "load"
 GATEWAY = "gateway"
+# what carries an order past its reservation (MeshPlan.lifecycle)
+LIFE_SERVICES = (GATEWAY, "payments", "fulfilment")
 # what puts orders in: stopped first, so the consumers can finish what was accepted
 INPUTS = (LOAD, "api")
 
@@ -86,6 +88,9 @@ class MeshPlan:
     analytics_port: int = 8090
     db: Db = "sqlite"
     nodes: int = 1
+    # the whole life of an order (the gateway, payments and fulfilment); False: orders end
+    # at their reservation, as a mesh measuring the inventory alone wants
+    lifecycle: bool = True
 
 
 def check_plan(plan: MeshPlan, settings: Settings) -> None:
@@ -164,7 +169,7 @@ class Mesh:
         }
         sup = self.supervisor
         for spec in SERVICES:
-            if spec.name == LOAD:
+            if spec.name == LOAD or (spec.name in LIFE_SERVICES and not self.plan.lifecycle):
                 continue
             if spec.name == GATEWAY and settings.gateway_url:
                 continue  # payments talks to the configured gateway (a real provider's)
@@ -297,12 +302,20 @@ class Mesh:
                             self.settings, g, [self.settings.topic(t) for t in topics]
                         ).values()
                     )
-                    for g, topics in STATEFUL_GROUP_TOPICS.items()
+                    for g, topics in self.stateful_groups().items()
                 ]
         except OrderMeshError as exc:
             log.info("drain check: %s", exc)
             return False
         return all(v == 0 for v in lags)
+
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """The consumer groups of the services this mesh runs, with their topics."""
+        return groups_of(self.instances)
+
+    def stateful_groups(self) -> dict[str, tuple[str, ...]]:
+        """The stateful groups of the services this mesh runs, with their topics."""
+        return {g: t for g, t in self.groups().items() if g in STATEFUL_GROUP_TOPICS}
 
     def wait_drained(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
@@ -359,6 +372,21 @@ def _signals_held() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _service_of(instance: str) -> str:
+    """``inventory-2`` -> ``inventory``: the service an instance name belongs to."""
+    base, _, number = instance.rpartition("-")
+    return base if number.isdigit() and base else instance
+
+
+def groups_of(services: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """The consumer groups of ``services`` (service names; every group when empty)."""
+    names = set(services)
+    if not names:
+        return dict(GROUP_TOPICS)
+    running = {spec.group for spec in SERVICES if spec.name in names}
+    return {g: t for g, t in GROUP_TOPICS.items() if g in running}
+
+
 def fetch_json(url: str, timeout: float = 0.8) -> Any:
     """GET ``url`` as JSON, or None when it does not answer (yet)."""
     try:
@@ -382,7 +410,9 @@ def mesh_status(
             for name in (ORDERS, EVENTS, DLQ, COMMANDS)
         }
         lag = {}
-        for group, group_topics in GROUP_TOPICS.items():
+        # a mesh's own services' groups: a mesh without payments has no payments lag
+        running = [_service_of(name) for name in supervisor.services] if supervisor else []
+        for group, group_topics in groups_of(running).items():
             per_partition = group_lag(settings, group, [settings.topic(t) for t in group_topics])
             lag[group] = sum(per_partition.values())
     snapshot = fetch_json(dashboard_url.rstrip("/") + "/snapshot") if dashboard_url else None

@@ -439,6 +439,8 @@ def _prepared_run(
         api_port=0,
         analytics_port=0,
         db=db,
+        # the reservation-only mesh: what the inventory and its neighbours do per order
+        lifecycle=False,
     )
     run = _Run(settings, plan)
     try:
@@ -509,7 +511,7 @@ def _wait_lag_zero(mesh: Mesh, started: float, timeout_s: float) -> dict[str, fl
                 f" the start; services restarted {_restarts(mesh)} times)"
             )
         mesh.supervisor.check()
-        groups = ["inventory"] if inventory_done is None else list(GROUP_TOPICS)
+        groups = ["inventory"] if inventory_done is None else list(mesh.groups())
         try:
             lags = {group: _group_lag(settings, group) for group in groups}
         except OrderMeshError as exc:
@@ -660,11 +662,11 @@ def drain_mesh(
 # --- live: latency at fixed rates, and the API path ------------------------------------
 
 
-def _member_groups() -> dict[str, tuple[str, ...]]:
+def _member_groups(mesh: Mesh) -> dict[str, tuple[str, ...]]:
     """The groups whose instances join (analytics reads every partition without)."""
     return {
         group: topics
-        for group, topics in GROUP_TOPICS.items()
+        for group, topics in mesh.groups().items()
         if not any(s.group == group and s.per_partition_assignment for s in BY_NAME.values())
     }
 
@@ -675,7 +677,7 @@ def _ready(mesh: Mesh, admin: Any) -> bool:
         return False
     if fetch_json(mesh.dashboard_url.rstrip("/") + "/snapshot") is None:
         return False
-    groups = _member_groups()
+    groups = _member_groups(mesh)
     partitions = {spec.name: spec.partitions for spec in SPECS}
     try:
         with kafka_errors(mesh.settings):
