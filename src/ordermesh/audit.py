@@ -24,11 +24,12 @@ has none.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from typing import Final
 
 from ordermesh import lifecycle, schema
+from ordermesh.gateway.wire import OrderSummary
 from ordermesh.lifecycle import Status
 
 # How long after an order's last event its pending work (a payment's retries with
@@ -89,24 +90,9 @@ class Lives:
             life.facts[name] += 1
 
 
-class Money(NamedTuple):
-    """One order's money as the gateway's ledger holds it (approved operations only)."""
-
-    authorizations: int = 0
-    captures: int = 0
-    authorized_cents: int = 0
-    captured_cents: int = 0
-    voided_cents: int = 0
-    refunded_cents: int = 0
-
-    @property
-    def kept_cents(self) -> int:
-        return self.captured_cents - self.refunded_cents
-
-    @property
-    def held_cents(self) -> int:
-        """Authorized, neither captured nor voided: still on hold on the card."""
-        return max(0, self.authorized_cents - self.captured_cents - self.voided_cents)
+def held_cents(money: OrderSummary) -> int:
+    """Authorized, neither captured nor voided: still on hold on the card."""
+    return max(0, money.authorized_cents - money.captured_cents - money.voided_cents)
 
 
 @dataclass
@@ -142,7 +128,7 @@ class AuditReport:
 
 def audit(
     lives: Lives,
-    money: Mapping[str, Money] | None,
+    money: Mapping[str, OrderSummary] | None,
     *,
     now: float,
     settled: Callable[[str, Life], bool],
@@ -177,7 +163,14 @@ def audit(
             grace_s=grace_s,
         )
         if money is not None:
-            _check_money(report, order_id, life, status, money.get(order_id, Money()), pending)
+            _check_money(
+                report,
+                order_id,
+                life,
+                status,
+                money.get(order_id) or OrderSummary(order_id),
+                pending,
+            )
     if money is not None:
         for order_id in money.keys() - lives.by_order.keys():
             report.judge(
@@ -251,7 +244,12 @@ def _check_deadline(
 
 
 def _check_money(
-    report: AuditReport, order_id: str, life: Life, status: Status, money: Money, pending: bool
+    report: AuditReport,
+    order_id: str,
+    life: Life,
+    status: Status,
+    money: OrderSummary,
+    pending: bool,
 ) -> None:
     report.captured_cents += money.captured_cents
     report.refunded_cents += money.refunded_cents
@@ -276,30 +274,10 @@ def _check_money(
                 f"order {order_id} shipped for {total} cents, the ledger kept {money.kept_cents}",
                 pending=pending,
             )
-    elif lifecycle.is_terminal(status) and (money.kept_cents or money.held_cents):
+    elif lifecycle.is_terminal(status) and (money.kept_cents or held_cents(money)):
         report.judge(
             "money-kept",
             f"order {order_id} is {status}: the ledger kept {money.kept_cents} and holds"
-            f" {money.held_cents} cents",
+            f" {held_cents(money)} cents",
             pending=pending,
         )
-
-
-def money_by_order(rows: Iterable[tuple[str, str, bool, int]]) -> dict[str, Money]:
-    """``Money`` per order from ledger rows (order_id, operation, approved, cents)."""
-    acc: dict[str, list[int]] = {}
-    for order_id, operation, approved, cents in rows:
-        if not approved:
-            continue
-        a = acc.setdefault(order_id, [0, 0, 0, 0, 0, 0])
-        if operation == "authorize":
-            a[0] += 1
-            a[2] += cents
-        elif operation == "capture":
-            a[1] += 1
-            a[3] += cents
-        elif operation == "void":
-            a[4] += cents
-        elif operation == "refund":
-            a[5] += cents
-    return {order_id: Money(*values) for order_id, values in acc.items()}

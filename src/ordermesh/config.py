@@ -226,6 +226,19 @@ class Settings(BaseSettings):
     gateway_url: str | None = None
     gateway_port: int = 8070
     gateway_db: Path | None = None
+    # the local gateway's faults from its start (docs/payments.md; POST /admin/faults
+    # changes them while it runs): latency p50/p99 (0/0: none), the share of calls
+    # declined / answered 503 / held ``gateway_hang_s`` / applied with the reply lost,
+    # comma-separated customer ids that always decline, and the seed of the draws
+    gateway_latency_p50_ms: float = Field(default=0.0, ge=0)
+    gateway_latency_p99_ms: float = Field(default=0.0, ge=0)
+    gateway_decline_rate: float = Field(default=0.0, ge=0, le=1)
+    gateway_decline_customers: str = ""
+    gateway_error_rate: float = Field(default=0.0, ge=0, le=1)
+    gateway_timeout_rate: float = Field(default=0.0, ge=0, le=1)
+    gateway_lost_response_rate: float = Field(default=0.0, ge=0, le=1)
+    gateway_hang_s: float = Field(default=300.0, gt=0)
+    gateway_seed: int | None = None
     # Payments: its own DB; gateway calls in flight at once per instance; how long one
     # call may take before its outcome counts as unknown (then looked up by its key)
     payments_db: Path | None = None
@@ -234,6 +247,9 @@ class Settings(BaseSettings):
     # Fulfilment: its own DB; the simulated pick-and-pack time of a paid order
     fulfilment_db: Path | None = None
     fulfilment_delay_s: float = Field(default=0.5, ge=0)
+    # Analytics: the DLQ alert fires when the last 60 s's dead letters exceed this share
+    # of that minute's ``orders`` records (a load with 1 % malformed orders is no incident)
+    analytics_dlq_alert_ratio: float = Field(default=0.05, ge=0)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         yield from super().__repr_args__()

@@ -111,6 +111,19 @@ FACTS: Final[tuple[Fact, ...]] = (
 )
 
 
+# Why a cancel cannot apply in a status it is not declared from (``CancelRejected``'s
+# reason): the inventory refuses with it, the API answers 409 with it.
+CANCEL_REFUSALS: Final[dict[Status, str]] = {
+    "SHIPPED": "ALREADY_SHIPPED",
+    "REJECTED": "ORDER_REJECTED",
+    "PAYMENT_FAILED": "ALREADY_ENDED",
+    "EXPIRED": "ALREADY_ENDED",
+}
+CANCELLABLE: Final[frozenset[Status]] = frozenset(
+    t.source for t in TRANSITIONS if t.event == "OrderCancelled"
+)
+
+
 class Deadline(NamedTuple):
     """An order may stay in ``status`` at most ``setting`` seconds; ``owner`` enforces it
     by emitting ``event``. ``None`` event: the owner's work finishes it (no timer)."""

@@ -156,9 +156,7 @@ class OrderPaid(msgspec.Struct, frozen=True, tag="OrderPaid", tag_field="type"):
     at: float
 
 
-class OrderPaymentFailed(
-    msgspec.Struct, frozen=True, tag="OrderPaymentFailed", tag_field="type"
-):
+class OrderPaymentFailed(msgspec.Struct, frozen=True, tag="OrderPaymentFailed", tag_field="type"):
     """The payment was declined while the reservation held: the order ends, stock back."""
 
     order_id: str
@@ -167,9 +165,7 @@ class OrderPaymentFailed(
     at: float
 
 
-class ReservationExpired(
-    msgspec.Struct, frozen=True, tag="ReservationExpired", tag_field="type"
-):
+class ReservationExpired(msgspec.Struct, frozen=True, tag="ReservationExpired", tag_field="type"):
     """No payment came before the reservation's deadline: the order ends, stock back."""
 
     order_id: str
@@ -185,9 +181,7 @@ class OrderShipped(msgspec.Struct, frozen=True, tag="OrderShipped", tag_field="t
     at: float
 
 
-class PaymentAuthorized(
-    msgspec.Struct, frozen=True, tag="PaymentAuthorized", tag_field="type"
-):
+class PaymentAuthorized(msgspec.Struct, frozen=True, tag="PaymentAuthorized", tag_field="type"):
     order_id: str
     authorization_id: str
     amount: float
@@ -262,9 +256,7 @@ class CancelOrder(msgspec.Struct, frozen=True, tag="CancelOrder", tag_field="typ
     reason: Annotated[str, Meta(max_length=MAX_CANCEL_REASON)] = ""
 
 
-class ExpireReservation(
-    msgspec.Struct, frozen=True, tag="ExpireReservation", tag_field="type"
-):
+class ExpireReservation(msgspec.Struct, frozen=True, tag="ExpireReservation", tag_field="type"):
     """Asked by the inventory's deadline sweep; keyed by order_id, so it is ordered with
     the order's cancels and a repeated one changes nothing."""
 

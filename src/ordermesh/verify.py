@@ -53,9 +53,11 @@ from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from ordermesh import schema
-from ordermesh.audit import AuditReport, Life, Lives, Money, audit
+from ordermesh.audit import AuditReport, Life, Lives, audit
 from ordermesh.config import Settings
-from ordermesh.errors import DecodeError, StoreError
+from ordermesh.errors import DecodeError, GatewayError, StoreError
+from ordermesh.gateway.client import read_ledger_summary
+from ordermesh.gateway.wire import OrderSummary
 from ordermesh.kafka.client import kafka_errors
 from ordermesh.kafka.lag import committed_offsets, group_lag
 from ordermesh.kafka.reader import end_offsets, read_topic
@@ -637,6 +639,14 @@ def _read_tracker(settings: Settings) -> dict[str, str]:
         store.close()
 
 
+def _read_ledger(settings: Settings) -> tuple[dict[str, OrderSummary] | None, str]:
+    """Every order's money in the gateway's ledger, or None and why it can't be read."""
+    try:
+        return read_ledger_summary(settings), ""
+    except GatewayError as exc:
+        return None, str(exc)
+
+
 def _read_or_error(read: Callable[[Settings], _T], settings: Settings) -> tuple[_T | None, str]:
     """What ``read`` returns, or None and why the store could not be read."""
     try:
@@ -673,7 +683,7 @@ def audit_lives(
     settings: Settings,
     obs: Observed,
     progress: Progress,
-    money: Mapping[str, Money] | None,
+    money: Mapping[str, OrderSummary] | None,
     *,
     now: float | None = None,
 ) -> AuditReport:
@@ -702,6 +712,8 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
         tracker, tracker_error = (
             _read_or_error(_read_tracker, settings) if check_tracker else (None, "")
         )
+        # the ledger is a store too: read before the topics, whose events it follows
+        money, money_error = _read_ledger(settings)
         obs = observe(settings, progress)
 
     report = VerifyReport()
@@ -717,7 +729,10 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
             report.violate("tracker_store_missing", f"no tracker store: {tracker_error}")
         else:
             _check_tracker(report, obs, db_orders, tracker)
-    report.add_audit(audit_lives(settings, obs, progress, None))
+    if money is None and any(progress.get(("payments", EVENTS), {}).values()):
+        # payments ran, so its money is in a ledger verify must see
+        report.violate("ledger_unreachable", f"the gateway's ledger: {money_error}")
+    report.add_audit(audit_lives(settings, obs, progress, money))
     return report
 
 

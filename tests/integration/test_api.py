@@ -196,7 +196,8 @@ def test_post_reaches_reserved_and_long_poll_returns_at_once(stack: Stack) -> No
     report = health.json()
     assert report["status"] == "ok"
     assert report["checks"]["kafka"]["ok"] and report["checks"]["tracker_db"]["ok"]
-    assert set(report["consumer_lag"]["groups"]) == {"inventory", "tracker"}
+    # every consumer group of the topology; these two are running here
+    assert {"inventory", "tracker"} <= set(report["consumer_lag"]["groups"])
 
 
 def test_get_wait_bridges_the_gap_until_the_tracker_sees_the_order(stack: Stack) -> None:
@@ -288,11 +289,14 @@ def test_cancel_releases_stock_exactly_once(stack: Stack) -> None:
         10,
         "the stock to be released",
     )
-    # once CANCELLED, a cancel is a conflict
-    assert (
-        "order-state-conflict"
-        in assert_problem(client.post(f"/orders/{order_id}/cancel"), 409)["type"]
-    )
+    # once CANCELLED, a cancel is answered as done, and sends nothing
+    again = client.post(f"/orders/{order_id}/cancel")
+    assert again.status_code == 200, again.text
+    assert again.json() == {
+        "order_id": order_id,
+        "status": "CANCELLED",
+        "cancel": "ALREADY_CANCELLED",
+    }
     # let any duplicate command be processed, then check the stock did not move twice
     cancels = sum(
         1
@@ -312,7 +316,8 @@ def test_cancel_releases_stock_exactly_once(stack: Stack) -> None:
     rejected = place(client, body((sku, STOCK * 10, 1.0)))
     response = client.get(f"/orders/{rejected}", params={"wait": 10})
     assert response.json()["reason"] == "OUT_OF_STOCK"
-    assert_problem(client.post(f"/orders/{rejected}/cancel"), 409)
+    refused = assert_problem(client.post(f"/orders/{rejected}/cancel"), 409)
+    assert "order-state-conflict" in refused["type"] and "ORDER_REJECTED" in refused["detail"]
 
 
 def test_bad_input_answers_4xx_problems(stack: Stack) -> None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable
 
 import msgspec
+from typer.testing import CliRunner
 
-from ordermesh import schema
+from ordermesh import lifecycle, schema
 from ordermesh.apps.inventory import inventory_runner
 from ordermesh.apps.tracker import tracker_runner
+from ordermesh.cli import app as cli_app
 from ordermesh.config import Settings
 from ordermesh.kafka.client import make_producer
 from ordermesh.kafka.lag import group_lag
@@ -23,6 +26,7 @@ from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.verify import verify
 from tests.conftest import ServiceProcess, wait_for
 from tests.integration.test_inventory_pipeline import seed
+from tests.unit.test_tracker_lifecycle import event, order
 
 CANCELS = 25
 
@@ -92,7 +96,7 @@ def test_tracker_agrees_with_inventory_including_cancellations(
     assert statuses == {oid: o.status for oid, o in final.items()}
     assert {oid for oid, s in statuses.items() if s == "CANCELLED"} == set(to_cancel)
     expected = Counter(o.status for o in final.values())
-    assert counts == {s: expected[s] for s in ("PLACED", "RESERVED", "REJECTED", "CANCELLED")}
+    assert counts == {s: expected[s] for s in lifecycle.STATUSES}
     assert counts["CANCELLED"] == CANCELS
     assert counts["RESERVED"] > 0 and counts["REJECTED"] > 0
     assert cancelled_view is not None
@@ -212,3 +216,113 @@ def test_reused_order_id_with_another_body_is_dead_lettered_once(settings: Setti
         view = store.get_order("ord-reused")
     assert view is not None and view.status == "RESERVED"
     assert (view.customer_id, [i.sku for i in view.items]) == ("cust-1", ["SKU-00001"])
+
+
+# one order per end of the lifecycle, each with the facts its services emit around it
+LIVES: dict[str, list[str]] = {
+    "life-shipped": [
+        "OrderReserved",
+        "PaymentAuthorized",
+        "OrderPaid",
+        "ShipmentReady",
+        "OrderShipped",
+        "PaymentCaptured",
+    ],
+    "life-rejected": ["OrderRejected", "CancelRejected"],
+    "life-payment-failed": [
+        "OrderReserved",
+        "PaymentDeclined",
+        "OrderPaymentFailed",
+        "StockReleased",
+    ],
+    # the authorization comes after the deadline: voided, the order stays EXPIRED
+    "life-expired": [
+        "OrderReserved",
+        "ReservationExpired",
+        "StockReleased",
+        "PaymentAuthorized",
+        "PaymentVoided",
+    ],
+    "life-cancelled-reserved": ["OrderReserved", "OrderCancelled", "StockReleased"],
+    "life-cancelled-paid": [
+        "OrderReserved",
+        "PaymentAuthorized",
+        "OrderPaid",
+        "OrderCancelled",
+        "StockReleased",
+        "PaymentVoided",
+    ],
+}
+ENDS = {
+    "life-shipped": "SHIPPED",
+    "life-rejected": "REJECTED",
+    "life-payment-failed": "PAYMENT_FAILED",
+    "life-expired": "EXPIRED",
+    "life-cancelled-reserved": "CANCELLED",
+    "life-cancelled-paid": "CANCELLED",
+}
+
+
+def test_whole_lives_and_each_end_over_the_broker(settings: Settings) -> None:
+    """Every life the saga can give an order, as its services put it on the topics: each
+    event twice (at-least-once), the events produced before their orders."""
+    producer = make_producer(settings)
+    events_topic, orders_topic = settings.topic(EVENTS), settings.topic(ORDERS)
+    for order_id, names in LIVES.items():
+        records = [event(name, 200.0 + 10 * i, order_id) for i, name in enumerate(names)]
+        for record in records + records:
+            producer.produce(events_topic, record.value, record.key)
+    assert producer.flush(30) == 0
+    for order_id in LIVES:
+        producer.produce(orders_topic, schema.encode(order(order_id)), order_id.encode())
+    assert producer.flush(30) == 0
+
+    with open_tracker_store(settings) as store:
+        runner = tracker_runner(settings, store)
+        runner.run(idle_exit_s=2.0)
+        assert store.pending_count() == 0
+        views = {order_id: store.get_order(order_id) for order_id in LIVES}
+    assert _lag(settings, "tracker", [ORDERS, EVENTS]) == 0
+    stats = runner.handler.stats  # type: ignore[attr-defined]
+    assert stats.dlq == 0 and stats.duplicates >= sum(map(len, LIVES.values()))
+
+    for order_id, names in LIVES.items():
+        view = views[order_id]
+        assert view is not None, order_id
+        assert view.status == ENDS[order_id] == lifecycle.timeline(names)[0], order_id
+        assert view.terminal and view.ended_at is not None, order_id
+        assert [h.event for h in view.history] == ["OrderPlaced", *names], order_id
+        # whatever was read first, the moves are the declared ones, in the life's order
+        moves = [(t.source, t.target, t.event) for t in view.transitions]
+        assert all(lifecycle.transition(s, e) is not None for s, _t, e in moves), moves
+        assert [e for _s, _t, e in moves] == [n for n in names if lifecycle.moves(n)]
+
+    shipped = views["life-shipped"]
+    assert shipped is not None
+    assert (shipped.payment.captured, shipped.payment.net, shipped.shipment_id) == (
+        15.0,
+        15.0,
+        "shp-1",
+    )
+    assert shipped.paid_at is not None and shipped.shipped_at == shipped.ended_at
+    for order_id in ("life-expired", "life-cancelled-paid"):
+        view = views[order_id]
+        assert view is not None
+        assert (view.payment.authorized, view.payment.voided, view.payment.net) == (
+            15.0,
+            15.0,
+            0.0,
+        ), order_id
+    failed = views["life-payment-failed"]
+    assert failed is not None and (failed.reason, failed.payment.authorized) == ("DECLINED", 0.0)
+
+    # the CLI counts every status of the lifecycle, the ones nobody is in too
+    out = CliRunner().invoke(
+        cli_app, ["tracker", "counts", "--json", "--data-dir", str(settings.data_dir)]
+    )
+    assert out.exit_code == 0, out.output
+    counts = json.loads(out.stdout)
+    assert counts == {
+        "statuses": dict.fromkeys(lifecycle.STATUSES, 0) | Counter(ENDS.values()),
+        "pending_events": 0,
+    }

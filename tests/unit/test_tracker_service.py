@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ordermesh import schema
+from ordermesh import lifecycle, schema
 from ordermesh.errors import StoreError
 from ordermesh.records import ERROR_HEADER_PREFIX, InRecord, header
 from ordermesh.schema import (
@@ -36,9 +36,11 @@ from ordermesh.stores.tracker import (
     HistoryRow,
     OrderItemView,
     OrderView,
+    PaymentView,
     encode_cursor,
 )
 from tests.store_backends import BACKENDS, migrated_database
+from tests.unit.test_tracker_lifecycle import event
 
 Store = SqliteTrackerStore | PostgresTrackerStore
 ORDERS = "orders"
@@ -132,13 +134,22 @@ def test_placed_order_is_tracked_with_items_and_history(
         order_id="o1",
         customer_id="c-1",
         status="PLACED",
+        terminal=False,
         items=[OrderItemView("A", 2, 2.5), OrderItemView("B", 1, 10.0)],
         total=15.0,
         currency="EUR",
         created_at=100.0,
         updated_at=100.0,
+        decided_at=None,
+        expires_at=None,
+        paid_at=None,
+        shipped_at=None,
+        ended_at=None,
         reason=None,
         detail=None,
+        payment=PaymentView(None, 0.0, 0.0, 0.0, 0.0, 0.0),
+        shipment_id=None,
+        transitions=[],
         history=[HistoryEntry("OrderPlaced", "PLACED", 100.0, "")],
     )
     assert store.get_order("nope") is None
@@ -175,7 +186,11 @@ def test_rejected_keeps_reason_and_detail(store: Store, service: TrackerService)
     assert (view.status, view.reason) == ("REJECTED", "OUT_OF_STOCK")
     assert view.detail == "sku 'A': needed 2, available 0"
     assert view.history[-1] == HistoryEntry(
-        "OrderRejected", "REJECTED", 200.0, "OUT_OF_STOCK: sku 'A': needed 2, available 0"
+        "OrderRejected",
+        "REJECTED",
+        200.0,
+        "OUT_OF_STOCK: sku 'A': needed 2, available 0",
+        prior="PLACED",
     )
 
 
@@ -212,6 +227,33 @@ def test_placed_has_no_history_row_yet_is_read_once(store: Store, service: Track
     view = store.get_order("o1")
     assert events_of(view) == ["OrderPlaced", "OrderReserved"]
     assert view is not None and view.history[0] == HistoryEntry("OrderPlaced", "PLACED", 100.0, "")
+
+
+def test_a_whole_life_is_stored_and_read_back(store: Store, service: TrackerService) -> None:
+    life = ["OrderReserved", "PaymentAuthorized", "OrderPaid", "ShipmentReady", "OrderShipped"]
+    service.handle([placed(order("o1")), *(event(n, 200.0 + 100 * i) for i, n in enumerate(life))])
+    service.handle([event("PaymentCaptured", 800.0), event("PaymentRefunded", 900.0)])
+
+    view = store.get_order("o1")
+    assert view is not None and view.status == "SHIPPED"
+    assert (view.decided_at, view.expires_at, view.paid_at, view.shipped_at, view.ended_at) == (
+        200.0,
+        260.0,
+        400.0,
+        600.0,
+        600.0,
+    )
+    assert view.payment == PaymentView("auth-1", 15.0, 15.0, 0.0, 15.0, 0.0)
+    assert view.shipment_id == "shp-1"
+    assert [(t.source, t.target) for t in view.transitions] == [
+        ("PLACED", "RESERVED"),
+        ("RESERVED", "PAID"),
+        ("PAID", "SHIPPED"),
+    ]
+    (listed,) = store.list_orders(status="SHIPPED").orders
+    assert listed.payment == view.payment and listed.history == [] and listed.transitions == []
+    (row,) = store.load_orders(["o1"]).values()
+    assert row.seq == 1 + len(life) + 2
 
 
 # --- idempotency and order ------------------------------------------------------------
@@ -448,14 +490,19 @@ def test_limit_is_clamped_and_bad_input_is_a_value_error(many: SqliteTrackerStor
         with pytest.raises(ValueError):
             many.list_orders(cursor=bad)
     with pytest.raises(ValueError):
-        many.list_orders(status="SHIPPED")  # type: ignore[arg-type]
+        many.list_orders(status="GONE")  # type: ignore[arg-type]
     # a cursor for an order that does not exist still means "after it"
     page = many.list_orders(cursor=encode_cursor("o20a"))
     assert [v.order_id for v in page.orders] == ["o21", "o22", "o23", "o24"]
 
 
 def test_counts_and_statuses(many: SqliteTrackerStore) -> None:
-    assert many.status_counts() == {"PLACED": 5, "RESERVED": 15, "REJECTED": 5, "CANCELLED": 0}
+    # every status of the lifecycle, zeros included
+    assert many.status_counts() == dict.fromkeys(lifecycle.STATUSES, 0) | {
+        "PLACED": 5,
+        "RESERVED": 15,
+        "REJECTED": 5,
+    }
     statuses = many.statuses()
     assert len(statuses) == 25 and statuses["o00"] == "PLACED" and statuses["o01"] == "REJECTED"
 

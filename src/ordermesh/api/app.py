@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ordermesh import schema
+from ordermesh import lifecycle, schema
 from ordermesh.api.bodies import REQUEST_FIELDS, CancelAccepted, CancelRequest, OrderAccepted
 from ordermesh.api.delivery import AsyncProducer
 from ordermesh.api.health import HealthChecks
@@ -49,7 +49,7 @@ from ordermesh.kafka.producer import ProducerClient
 from ordermesh.repeats import Repeats
 from ordermesh.stores.factory import open_idempotency_store, open_order_queries
 from ordermesh.stores.idempotency import IdempotencyStore
-from ordermesh.stores.tracker import MAX_PAGE, ORDER_STATUSES
+from ordermesh.stores.tracker import MAX_PAGE, ORDER_STATUSES, OrderStatus
 from ordermesh.topics import COMMANDS, ORDERS
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = schema.MAX_MESSAGE_BYTES
 # A cancel of an order still PLACED first waits this long for the inventory's decision.
 CANCEL_DECISION_WAIT_S: Final = 5.0
+# Where a CancelOrder applies: the sources of the lifecycle's OrderCancelled.
+# the API answers 409 with the inventory's reason rather than send a command bound to be
+# refused
+CANCELLABLE: Final = lifecycle.CANCELLABLE
+CANCEL_REFUSALS: Final = lifecycle.CANCEL_REFUSALS
 HEALTH_PING_TIMEOUT_S: Final = 2.0
 JSON: Final = "application/json"
 
@@ -131,6 +136,17 @@ def number_param(request: Request, name: str, low: float, high: float, default: 
     if not (math.isfinite(value) and low <= value <= high):
         raise HTTPProblem(422, "validation-error", f"{name} must be a number in {low}..{high}")
     return value
+
+
+def status_param(request: Request, name: str = "status") -> OrderStatus | None:
+    """A status of ``lifecycle.STATUSES`` (422 for anything else), or None if absent."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    for status in ORDER_STATUSES:
+        if raw == status:
+            return status
+    raise HTTPProblem(422, "validation-error", f"{name} must be one of {', '.join(ORDER_STATUSES)}")
 
 
 def int_param(request: Request, name: str, low: int, high: int, default: int) -> int:
@@ -339,10 +355,12 @@ class OrdersApi:
         self.authorize(request)
         order_id: str = request.path_params["order_id"]
         wait = number_param(request, "wait", 0.0, MAX_WAIT_S, 0.0)
+        # what ?wait= waits for (default: the decision)
+        target = status_param(request)
         if not 0 < len(order_id) <= 64:
             raise HTTPProblem(404, "not-found", "unknown order")
         if wait > 0:
-            view = await self.reader.wait_decided(order_id, wait)
+            view = await self.reader.wait_for(order_id, wait, target)
         else:
             view = await self.reader.get(order_id)
         if view is None:
@@ -357,11 +375,7 @@ class OrdersApi:
     async def list_orders(self, request: Request) -> Response:
         self.authorize(request)
         params = request.query_params
-        status = params.get("status")
-        if status is not None and status not in ORDER_STATUSES:
-            raise HTTPProblem(
-                422, "validation-error", f"status must be one of {', '.join(ORDER_STATUSES)}"
-            )
+        status = status_param(request)
         limit = int_param(request, "limit", 1, MAX_PAGE, 50)
         cursor = params.get("cursor")
         customer_id = params.get("customer_id")
@@ -404,18 +418,24 @@ class OrdersApi:
                     f"order {order_id!r} is still PLACED (not yet decided); retry shortly",
                     headers={"Retry-After": "1"},
                 )
-        if view.status != "RESERVED":
+        status = view.status
+        location = {"Location": order_location(order_id)}
+        if status == "CANCELLED":
+            # idempotent: the cancel asked for is done, whoever asked first
+            return json_response(
+                CancelAccepted(order_id, status, "ALREADY_CANCELLED"), 200, location
+            )
+        if status not in CANCELLABLE:
+            refusal = CANCEL_REFUSALS.get(status, "ALREADY_ENDED")
             raise HTTPProblem(
                 409,
                 "order-state-conflict",
-                f"order {order_id!r} is {view.status}: nothing to cancel",
+                f"order {order_id!r} is {status}: it cannot be cancelled ({refusal})",
             )
         command = schema.CancelOrder(order_id=order_id, requested_at=schema.now(), reason=reason)
         await self.produce(self.commands_topic, order_id, schema.encode(command))
         self.metrics.cancels_requested.inc()
-        return json_response(
-            CancelAccepted(order_id, view.status), 202, {"Location": order_location(order_id)}
-        )
+        return json_response(CancelAccepted(order_id, status), 202, location)
 
     async def health(self, _request: Request) -> Response:
         checks = self.health_checks

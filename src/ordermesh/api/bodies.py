@@ -37,8 +37,12 @@ class CancelRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class CancelAccepted(msgspec.Struct, frozen=True):
-    """Kafka acknowledged the ``CancelOrder``; the status turns CANCELLED when applied."""
+    """The answer to a cancel that can apply. ``REQUESTED``: Kafka acknowledged the
+    ``CancelOrder`` of an order in ``status`` (RESERVED or PAID); it turns CANCELLED
+    once the inventory applied it, or stays as it is if the order shipped or ended
+    first (a ``CancelRejected`` in its history says why). ``ALREADY_CANCELLED``: the order
+    is CANCELLED; nothing was sent (a repeated cancel is answered, not refused)."""
 
     order_id: str
     status: OrderStatus
-    cancel: Literal["REQUESTED"] = "REQUESTED"
+    cancel: Literal["REQUESTED", "ALREADY_CANCELLED"] = "REQUESTED"

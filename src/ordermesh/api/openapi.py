@@ -82,9 +82,18 @@ WAIT_PARAM: Final = {
     "name": "wait",
     "in": "query",
     "required": False,
-    "description": "Seconds to wait for the order to be decided (to appear, and to leave "
-    "PLACED); the answer comes as soon as it is.",
+    "description": "Seconds to wait for the order to appear and reach ?status= (without "
+    "it: to be decided, i.e. leave PLACED); the answer comes as soon as it is, or at the "
+    "deadline with the order as it is then.",
     "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0},
+}
+WAIT_STATUS_PARAM: Final = {
+    "name": "status",
+    "in": "query",
+    "required": False,
+    "description": "The status ?wait= waits for. The wait also ends once the order went "
+    "past it (a later step) or ended (a terminal status: it will never get there).",
+    "schema": {"type": "string", "enum": list(ORDER_STATUSES)},
 }
 ORDER_ID_PARAM: Final = {
     "name": "order_id",
@@ -134,19 +143,26 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
     if security:
         post_order["security"] = security
     cancel = {
-        "summary": "Cancel a reserved order",
-        "description": "A PLACED order is first given ~5 s to be decided. A RESERVED order "
-        "gets a CancelOrder command (202 once Kafka acknowledged it); its stock is released "
-        "and its status turns CANCELLED shortly after.",
+        "summary": "Cancel an order before it ships",
+        "description": "A PLACED order is first given ~5 s to be decided. A RESERVED or PAID "
+        "order gets a CancelOrder command (202 once Kafka acknowledged it); its stock is "
+        "released, its payment voided, and its status turns CANCELLED shortly after, unless "
+        "it shipped or ended first (its history then holds a CancelRejected). A CANCELLED "
+        "order answers 200 (nothing sent). SHIPPED, REJECTED, PAYMENT_FAILED and EXPIRED "
+        "orders cannot be cancelled (409, with the reason: ALREADY_SHIPPED, ORDER_REJECTED, "
+        "ALREADY_ENDED).",
         "operationId": "cancelOrder",
         "parameters": [ORDER_ID_PARAM],
         "requestBody": {"required": False, "content": {JSON: {"schema": _ref("CancelRequest")}}},
         "responses": {
             "202": _json("Cancel requested.", "CancelAccepted"),
+            "200": _json("Already cancelled; nothing sent.", "CancelAccepted"),
             "400": _problem("Malformed JSON."),
             **unauthorized,
             "404": _problem("Unknown order."),
-            "409": _problem("Order is REJECTED or CANCELLED, or still undecided (retry)."),
+            "409": _problem(
+                "Order is SHIPPED, REJECTED, PAYMENT_FAILED or EXPIRED, or still undecided (retry)."
+            ),
             "413": _problem("Body over 64 KiB."),
             "415": _problem("Body is not JSON."),
             "422": _problem("Invalid body."),
@@ -199,11 +215,13 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
             },
             "/orders/{order_id}": {
                 "get": {
-                    "summary": "One order with its history",
-                    "description": "404 until the tracker has recorded the order, which "
-                    "follows its acceptance within moments; ?wait= bridges that gap too.",
+                    "summary": "One order: its whole life and its history",
+                    "description": "Status, times of each step, payment, shipment, each "
+                    "transition with its cause, and every event. 404 until the tracker has "
+                    "recorded the order, which follows its acceptance within moments; "
+                    "?wait= bridges that gap too, and with ?status= waits for a later step.",
                     "operationId": "getOrder",
-                    "parameters": [ORDER_ID_PARAM, WAIT_PARAM],
+                    "parameters": [ORDER_ID_PARAM, WAIT_PARAM, WAIT_STATUS_PARAM],
                     "responses": {
                         "200": _json("The order.", "OrderView"),
                         **unauthorized,

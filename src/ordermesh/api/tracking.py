@@ -1,4 +1,9 @@
-"""Read the tracker's store from asyncio, and long-poll for an order's decision.
+"""Read the tracker's store from asyncio, and long-poll for an order to reach a status.
+
+A long poll waits for a target status of ``lifecycle.STATUSES`` (by default: decided,
+i.e. out of PLACED) and is answered once the order reached it, went past it (a higher
+rank: waiting for RESERVED, the order is PAID already) or ended (a terminal status: it
+will never get there), whichever comes first.
 
 Where the store is called, measured on the 2-core dev machine (tracker DB of ~27k orders,
 read-only WAL connection): ``get_order`` takes 32 us inline and 177 us through a thread
@@ -35,6 +40,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, Protocol, TypeVar, runtime_checkable
 
+from ordermesh import lifecycle
 from ordermesh.api.problems import HTTPProblem
 from ordermesh.errors import StoreError
 from ordermesh.stores.tracker import OrderPage, OrderQueries, OrderStatus, OrderView
@@ -77,6 +83,31 @@ def decided(view: OrderView | None) -> bool:
     return view is not None and view.status != "PLACED"
 
 
+def reached(view: OrderView | None, target: OrderStatus | None) -> bool:
+    """Whether a wait for ``target`` is over: the order is there, past it, or ended
+    (``target`` None: decided)."""
+    if view is None:
+        return False
+    if target is None:
+        return decided(view)
+    status = view.status
+    return (
+        status == target
+        or lifecycle.is_terminal(status)
+        or lifecycle.RANK[status] > lifecycle.RANK[target]
+    )
+
+
+class _Waiter:
+    """One request waiting for an order to reach ``target``."""
+
+    __slots__ = ("future", "target")
+
+    def __init__(self, future: asyncio.Future[OrderView], target: OrderStatus | None) -> None:
+        self.future = future
+        self.target = target
+
+
 class OrderReader:
     """Async, read-only access to the tracker store."""
 
@@ -91,8 +122,8 @@ class OrderReader:
         self.poll_interval_s = poll_interval_s
         self.max_waiters = max_waiters
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tracker-read")
-        self._waiters: dict[str, list[asyncio.Future[OrderView]]] = {}
-        self._waiting = 0  # requests inside wait_decided's wait, over all orders
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._waiting = 0  # requests inside wait_for's wait, over all orders
         self._poller: asyncio.Task[None] | None = None
         self._feed = store if isinstance(store, DecisionFeed) else None
         self._counter = store if isinstance(store, ChangeCounter) else None
@@ -126,10 +157,17 @@ class OrderReader:
         self.store.ping()
 
     async def wait_decided(self, order_id: str, timeout_s: float) -> OrderView | None:
-        """The order once decided, or as it is (maybe None) when ``timeout_s`` ran out.
+        """The order once decided (out of PLACED); see ``wait_for``."""
+        return await self.wait_for(order_id, timeout_s, None)
+
+    async def wait_for(
+        self, order_id: str, timeout_s: float, target: OrderStatus | None
+    ) -> OrderView | None:
+        """The order once it ``reached`` ``target`` (None: decided), or as it is (maybe
+        None) when ``timeout_s`` ran out.
 
         A store that fails meanwhile (the tracker has not created its DB yet, say) counts
-        as "not decided yet"; only the final read, at the deadline, raises StoreError.
+        as "not there yet"; only the final read, at the deadline, raises StoreError.
         Raises a 503 ``HTTPProblem`` when ``max_waiters`` requests wait already.
         """
         if timeout_s <= 0:
@@ -138,19 +176,20 @@ class OrderReader:
             view = await self.get(order_id)
         except StoreError:
             view = None
-        if decided(view):
+        if reached(view, target):
             return view
         if self._waiting >= self.max_waiters:
             raise HTTPProblem(
                 503,
                 "too-many-waiters",
-                f"{self._waiting} requests are waiting for decisions already; retry shortly"
+                f"{self._waiting} requests are waiting for orders already; retry shortly"
                 " (or read without ?wait=)",
                 headers={"Retry-After": str(WAITERS_RETRY_AFTER_S)},
             )
         future: asyncio.Future[OrderView] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(order_id, []).append(future)
-        # it may have been decided since the read above: the next check reads it
+        waiter = _Waiter(future, target)
+        self._waiters.setdefault(order_id, []).append(waiter)
+        # it may have moved since the read above: the next check reads it
         self._version = None
         self._waiting += 1
         if self._poller is None or self._poller.done():
@@ -164,18 +203,18 @@ class OrderReader:
             self._waiting -= 1
             waiting = self._waiters.get(order_id)
             if waiting is not None:
-                if future in waiting:
-                    waiting.remove(future)
+                if waiter in waiting:
+                    waiting.remove(waiter)
                 if not waiting:
                     del self._waiters[order_id]
 
     def waiting_for(self, order_id: str) -> int:
-        """How many requests are waiting for this order's decision."""
+        """How many requests are waiting for this order."""
         return len(self._waiters.get(order_id, ()))
 
     @property
     def waiting(self) -> int:
-        """How many requests are waiting for a decision, over all orders."""
+        """How many requests are waiting, over all orders."""
         return self._waiting
 
     def _listen(self) -> None:
@@ -258,11 +297,21 @@ class OrderReader:
                 continue
             errors = 0
             for order_id, view in zip(order_ids, views, strict=True):
-                if view is None or not decided(view):
+                if view is None:
                     continue
-                for future in self._waiters.pop(order_id, []):
-                    if not future.done():
-                        future.set_result(view)
+                waiting = self._waiters.get(order_id)
+                if not waiting:
+                    continue
+                still = []
+                for waiter in waiting:
+                    if not reached(view, waiter.target):
+                        still.append(waiter)
+                    elif not waiter.future.done():
+                        waiter.future.set_result(view)
+                if still:
+                    self._waiters[order_id] = still
+                else:
+                    del self._waiters[order_id]
             spent = time.monotonic() - started
             if spent > 0.5:
                 log.warning("tracker poll of %d orders took %.2f s", len(order_ids), spent)

@@ -11,9 +11,12 @@ from ordermesh.cli import (  # noqa: F401 - registers commands
     chaos,
     db,
     dlq,
+    fulfilment,
+    gateway,
     health,
     inventory,
     mesh,
+    payments,
     tracker,
 )
 from ordermesh.cli.common import app, run

@@ -94,7 +94,7 @@ def tracker_show(
     data_dir: DataDir = None,
     as_json: AsJson = False,
 ) -> None:
-    """Status, items, total and history of one order."""
+    """Status, items, total, payment, shipment, transitions and history of one order."""
     store = _reader(make_settings(tracker_db=db, data_dir=data_dir))
     try:
         view = store.get_order(order_id)
@@ -114,6 +114,23 @@ def tracker_show(
     if view.reason or view.detail:
         console.print(f"reason: {escape(view.reason or '-')}  detail: {escape(view.detail or '-')}")
     console.print(f"created {_when(view.created_at)}, updated {_when(view.updated_at)}")
+    steps = (
+        ("decided", view.decided_at),
+        ("expires", view.expires_at),
+        ("paid", view.paid_at),
+        ("shipped", view.shipped_at),
+        ("ended", view.ended_at),
+    )
+    console.print(", ".join(f"{name} {_when(at)}" for name, at in steps if at is not None) or "-")
+    payment = view.payment
+    if payment.authorization_id is not None:
+        console.print(
+            f"payment {escape(payment.authorization_id)}: authorized {payment.authorized:.2f},"
+            f" captured {payment.captured:.2f}, voided {payment.voided:.2f},"
+            f" refunded {payment.refunded:.2f}, net {payment.net:.2f}"
+        )
+    if view.shipment_id is not None:
+        console.print(f"shipment {escape(view.shipment_id)}")
     items = Table(title="items")
     for col in ("sku", "quantity", "unit price"):
         items.add_column(col)
@@ -122,19 +139,26 @@ def tracker_show(
     console.print(items)
     console.print(f"total: {view.total:.2f} {escape(view.currency)}")
     history = Table(title="history")
-    for col in ("at", "event", "status", "detail"):
+    for col in ("at", "event", "moved", "detail"):
         history.add_column(col)
     for entry in view.history:
-        history.add_row(
-            _when(entry.at), escape(entry.event), entry.status or "", escape(entry.detail)
-        )
+        if entry.event == "OrderPlaced":
+            moved = "PLACED"
+        elif entry.prior is not None:
+            moved = f"{entry.prior} -> {entry.status}"
+        elif entry.status is not None:
+            moved = f"stale ({entry.status})"  # a status event that did not move it
+        else:
+            moved = ""  # a fact
+        history.add_row(_when(entry.at), escape(entry.event), moved, escape(entry.detail))
     console.print(history)
 
 
 @tracker_app.command("list")
 def tracker_list(
     status: Annotated[
-        str | None, typer.Option(help="PLACED, RESERVED, REJECTED or CANCELLED.")
+        str | None,
+        typer.Option(help="One of the lifecycle's statuses (PLACED, RESERVED, PAID, ...)."),
     ] = None,
     customer: Annotated[str | None, typer.Option(help="Only this customer's orders.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=500, help="Orders per page.")] = 50,
@@ -188,7 +212,7 @@ def tracker_list(
 
 @tracker_app.command("counts")
 def tracker_counts(db: DbPath = None, data_dir: DataDir = None, as_json: AsJson = False) -> None:
-    """How many orders are in each status."""
+    """How many orders are in each status (every status of the lifecycle, zeros too)."""
     store = _reader(make_settings(tracker_db=db, data_dir=data_dir))
     try:
         counts = store.status_counts()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Final, Literal, NamedTuple, Protocol
 
-
 Operation = Literal["authorize", "capture", "void", "refund"]
 OPERATIONS: Final[tuple[Operation, ...]] = ("authorize", "capture", "void", "refund")
 

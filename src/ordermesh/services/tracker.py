@@ -1,8 +1,8 @@
 """Order tracker core: follow every order to a queryable status with its history.
 
 ``TrackerService.handle(batch)`` reads ``orders`` (OrderPlaced) and ``order-events`` (the
-inventory's decisions and cancellations) and keeps one row per order in a
-``TrackerStore``. It produces nothing but dead letters.
+inventory's decisions, the payments' and fulfilment's facts) and keeps one row per order,
+its whole life, in a ``TrackerStore``. It produces nothing but dead letters.
 
 Rules and the choices behind them:
 
@@ -14,12 +14,21 @@ Rules and the choices behind them:
   (``schema.order_fingerprint`` differs) is counted as a conflict, logged and skipped:
   the tracked items stay those of the first copy. Not dead-lettered, for the reason
   above: the inventory reads the same record and dead-letters it (``DuplicateOrderId``).
-- Status only moves forward: PLACED < RESERVED | REJECTED < CANCELLED. History holds one
-  row per (order, event type), so a redelivered or late event changes nothing.
+- Statuses and their moves are ``lifecycle``'s: an event moves the order when
+  ``lifecycle.applies`` (its target ranks above the current status, which is not
+  terminal), so a stale or reordered event never moves it back. Facts
+  (``lifecycle.FACTS``) never move it; they fill the payment and shipment columns.
+  History holds one row per (order, event type), so a redelivered event changes nothing.
+  Each column of the life is set by the events of one step (which carry the same
+  values: an authorization id is in PaymentAuthorized and OrderPaid alike), or by the
+  move into a terminal status, which a valid life's last event makes in any order of
+  arrival; so the order of arrival does not change the columns either. A move that is
+  not a declared transition (an event read before the one it follows) still moves
+  forward, is counted and logged, and ``verify`` reports it.
 - ``orders`` and ``order-events`` are different topics, so an order's events can be read
   before the order itself (e.g. a tracker catching up on both). Such events are parked
-  in ``pending`` and applied, decision before cancellation, when the order arrives, in
-  the same batch or a later one.
+  in ``pending`` and applied, in the life's order (``EVENT_RANK``), when the order
+  arrives, in the same batch or a later one.
 - Times are the events' own ``at`` (the order's ``created_at`` for OrderPlaced), not the
   time the tracker read them; ``placed_at`` alone is the tracker's clock.
 - The whole batch is one ``BEGIN IMMEDIATE`` transaction with set-based reads and
@@ -33,19 +42,28 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple
 
-from ordermesh import schema
+from ordermesh import lifecycle, schema
 from ordermesh.errors import DecodeError
 from ordermesh.records import InRecord, OutRecord
 from ordermesh.schema import (
     CancelRejected,
     OrderCancelled,
     OrderEvent,
+    OrderPaid,
+    OrderPaymentFailed,
     OrderPlaced,
     OrderRejected,
     OrderReserved,
+    OrderShipped,
+    PaymentAuthorized,
+    PaymentCaptured,
+    PaymentDeclined,
+    PaymentRefunded,
+    PaymentVoided,
+    ReservationExpired,
+    ShipmentReady,
     StockReleased,
 )
 from ordermesh.services.base import StoreService, describe_dead_letter
@@ -61,12 +79,6 @@ from ordermesh.stores.tracker import (
 
 logger = logging.getLogger(__name__)
 
-STATUS_RANK: Final[dict[OrderStatus, int]] = {
-    "PLACED": 0,
-    "RESERVED": 1,
-    "REJECTED": 1,
-    "CANCELLED": 2,
-}
 MAX_DETAIL: Final = 500
 
 
@@ -81,6 +93,8 @@ class TrackerStats:
     history_only: int = 0
     duplicates: int = 0
     stale: int = 0
+    # moves forward that are no declared transition (an event read before its step)
+    undeclared: int = 0
     parked: int = 0
     unparked: int = 0
     malformed_orders: int = 0
@@ -115,6 +129,7 @@ class _Batch:
         self.stats = TrackerStats(batches=1)
         self.first_conflict: str | None = None
         self.first_dlq: str | None = None
+        self.first_undeclared: str | None = None
 
     def add_dlq(self, out: list[OutRecord], record: InRecord, dlq: OutRecord) -> None:
         out.append(dlq)
@@ -122,26 +137,181 @@ class _Batch:
         self.first_dlq = self.first_dlq or describe_dead_letter(record, dlq)
 
 
-def _items_text(verb: str, event: OrderReserved | StockReleased) -> str:
-    return f"{verb} " + ", ".join([f"{i.sku} x{i.quantity}" for i in event.items])
+# --- what each event does to its order -----------------------------------------------
+#
+# A row is edited as a list indexed by these (one list and one tuple per event; a
+# NamedTuple ``_replace`` of its 25 fields costs several times more, per event).
+_F: Final = TrackedOrder._fields
+STATUS, DECIDED, CANCELLED_AT, REASON, DETAIL, UPDATED, SEQ = (
+    _F.index(name)
+    for name in ("status", "decided_at", "cancelled_at", "reason", "detail", "updated_at", "seq")
+)
+EXPIRES, PAID_AT, SHIPPED_AT, ENDED, AUTHORIZATION, AUTHORIZED = (
+    _F.index(name)
+    for name in (
+        "expires_at",
+        "paid_at",
+        "shipped_at",
+        "ended_at",
+        "authorization_id",
+        "authorized",
+    )
+)
+CAPTURED, VOIDED, REFUNDED, SHIPMENT = (
+    _F.index(name) for name in ("captured", "voided", "refunded", "shipment_id")
+)
+_make_row: Final = TrackedOrder._make
+
+# fills the row's columns from the event (applied or stale alike: they record that the
+# step happened, and when)
+Record = Callable[[list[Any], Any], None]
+# sets reason and detail once the event moved the order (its cause)
+Cause = Callable[[list[Any], Any], None]
+
+
+def _items_text(verb: str, items: tuple[schema.ItemQty, ...]) -> str:
+    return f"{verb} " + ", ".join([f"{i.sku} x{i.quantity}" for i in items])
+
+
+def _set_once(row: list[Any], index: int, value: Any) -> None:
+    if row[index] is None:
+        row[index] = value
+
+
+def _decided(row: list[Any], event: OrderReserved | OrderRejected) -> None:
+    _set_once(row, DECIDED, event.at)
+    if isinstance(event, OrderReserved) and event.expires_at > 0:
+        _set_once(row, EXPIRES, event.expires_at)
+
+
+def _authorized(row: list[Any], event: PaymentAuthorized | OrderPaid) -> None:
+    _set_once(row, AUTHORIZATION, event.authorization_id)
+    if not row[AUTHORIZED]:
+        row[AUTHORIZED] = event.amount
+    if isinstance(event, OrderPaid):
+        row[PAID_AT] = event.at
+
+
+def _shipment(row: list[Any], event: ShipmentReady | OrderShipped) -> None:
+    _set_once(row, SHIPMENT, event.shipment_id)
+    if isinstance(event, OrderShipped):
+        row[SHIPPED_AT] = event.at
+
+
+def _money(index: int) -> Record:
+    def record(row: list[Any], event: Any) -> None:
+        _set_once(row, AUTHORIZATION, event.authorization_id)
+        row[index] = event.amount
+
+    return record
+
+
+def _with_reason(row: list[Any], event: Any) -> None:
+    row[REASON] = event.reason
+    row[DETAIL] = event.detail
+
+
+def _cancelled(row: list[Any], event: OrderCancelled) -> None:
+    row[CANCELLED_AT] = event.at
+    if event.detail:
+        row[DETAIL] = event.detail
+
+
+def _expired(row: list[Any], event: ReservationExpired) -> None:
+    row[DETAIL] = _expired_text(event)
+
+
+def _expired_text(event: ReservationExpired) -> str:
+    return f"not paid by its deadline ({event.expires_at:.3f})"
+
+
+def _cause_text(event: Any) -> str:
+    return f"{event.reason}: {event.detail}"
+
+
+def _cause_suffix(cause: str) -> str:
+    return f" ({cause})" if cause else ""
 
 
 class _Rule(NamedTuple):
     """What an event type does to its order: looked up by type, once per event."""
 
     name: str  # the history entry's event
-    target: OrderStatus | None  # the status it moves to; None: history only
-    decides: bool  # its ``at`` is the order's ``decided_at``
+    target: OrderStatus | None  # lifecycle.moves(name); None: a fact, history only
     detail: Callable[[Any], str]  # the history entry's detail
+    record: Record | None
+    cause: Cause | None
 
 
-_RULES: Final[dict[type, _Rule]] = {
-    OrderReserved: _Rule("OrderReserved", "RESERVED", True, partial(_items_text, "reserved")),
-    OrderRejected: _Rule("OrderRejected", "REJECTED", True, lambda e: f"{e.reason}: {e.detail}"),
-    StockReleased: _Rule("StockReleased", None, False, partial(_items_text, "released")),
-    OrderCancelled: _Rule("OrderCancelled", "CANCELLED", False, lambda e: e.detail),
-    CancelRejected: _Rule("CancelRejected", None, False, lambda e: f"{e.reason}: {e.detail}"),
-}
+def _rule(
+    event_type: type, detail: Callable[[Any], str], record: Record | None, cause: Cause | None
+) -> tuple[type, _Rule]:
+    name = event_type.__name__
+    return event_type, _Rule(name, lifecycle.moves(name), detail, record, cause)
+
+
+_RULES: Final[dict[type, _Rule]] = dict(
+    (
+        # the inventory's decisions: they move the status
+        _rule(OrderReserved, lambda e: _items_text("reserved", e.items), _decided, None),
+        _rule(OrderRejected, _cause_text, _decided, _with_reason),
+        _rule(
+            OrderPaid,
+            lambda e: f"authorization {e.authorization_id}: {e.amount:.2f}",
+            _authorized,
+            None,
+        ),
+        _rule(OrderPaymentFailed, _cause_text, None, _with_reason),
+        _rule(ReservationExpired, _expired_text, None, _expired),
+        _rule(OrderShipped, lambda e: f"shipment {e.shipment_id}", _shipment, None),
+        _rule(
+            OrderCancelled,
+            lambda e: e.detail + (f" (from {e.stage})" if e.stage else ""),
+            None,
+            _cancelled,
+        ),
+        # facts: history and the life's columns, never the status
+        _rule(
+            StockReleased,
+            lambda e: _items_text("released", e.items) + _cause_suffix(e.cause),
+            None,
+            None,
+        ),
+        _rule(CancelRejected, _cause_text, None, None),
+        _rule(
+            PaymentAuthorized,
+            lambda e: f"authorization {e.authorization_id}: {e.amount:.2f} {e.currency}",
+            _authorized,
+            None,
+        ),
+        _rule(PaymentDeclined, _cause_text, None, None),
+        _rule(
+            PaymentCaptured,
+            lambda e: f"authorization {e.authorization_id}: captured {e.amount:.2f}",
+            _money(CAPTURED),
+            None,
+        ),
+        _rule(
+            PaymentVoided,
+            lambda e: (
+                f"authorization {e.authorization_id}: voided {e.amount:.2f}"
+                + _cause_suffix(e.cause)
+            ),
+            _money(VOIDED),
+            None,
+        ),
+        _rule(
+            PaymentRefunded,
+            lambda e: (
+                f"authorization {e.authorization_id}: refunded {e.amount:.2f}"
+                + _cause_suffix(e.cause)
+            ),
+            _money(REFUNDED),
+            None,
+        ),
+        _rule(ShipmentReady, lambda e: f"shipment {e.shipment_id} packed", _shipment, None),
+    )
+)
 
 
 def _parked_order(parked: _Parked) -> tuple[int, float]:
@@ -229,7 +399,8 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
         self.stats.add(stats)
         logger.debug(
             "tracker batch: %d records in %.1f ms: placed %d, transitions %d, history-only %d,"
-            " duplicates %d, stale %d, parked %d, unparked %d, malformed orders %d, dlq %d",
+            " duplicates %d, stale %d, undeclared %d, parked %d, unparked %d,"
+            " malformed orders %d, dlq %d",
             len(batch),
             (time.perf_counter() - started) * 1000,
             stats.placed,
@@ -237,6 +408,7 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
             stats.history_only,
             stats.duplicates,
             stats.stale,
+            stats.undeclared,
             stats.parked,
             stats.unparked,
             stats.malformed_orders,
@@ -252,6 +424,13 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
         if stats.dlq:
             logger.warning(
                 "tracker batch: %d records dead-lettered; first: %s", stats.dlq, state.first_dlq
+            )
+        if stats.undeclared:
+            logger.warning(
+                "tracker batch: %d status moves that are no declared transition (an event"
+                " read before the step it follows); first: %s",
+                stats.undeclared,
+                state.first_undeclared,
             )
         if stats.conflicts:
             logger.warning(
@@ -342,7 +521,7 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
         if waiting:
             state.unparked_ids.append(order_id)
         waiting += state.parked.pop(order_id, {}).values()
-        # decision before release before cancellation, whatever order they came in
+        # in the life's order, whatever order they came in
         waiting.sort(key=_parked_order)
         for event, _raw, source in waiting:
             state.stats.unparked += 1
@@ -364,30 +543,39 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
     def _apply(self, state: _Batch, event: OrderEvent, source: str | None) -> None:
         """Apply an event to its order (in ``state.orders``), unless already applied."""
         order_id = event.order_id
-        name, target, decides, detail_of = _RULES[type(event)]
+        name, target, detail_of, record, cause = _RULES[type(event)]
         key = (order_id, name)
         if key in state.history:
             state.stats.duplicates += 1
             return
         state.history.add(key)
         at = event.at
-        state.new_history.append(
-            HistoryRow(order_id, name, target, at, detail_of(event)[:MAX_DETAIL], source)
-        )
         tracked = state.orders[order_id]
-        state.changed.add(order_id)
-        decided_at = tracked.decided_at
-        if decides and decided_at is None:
-            decided_at = at
         current = tracked.status
-        if target is None or STATUS_RANK[target] <= STATUS_RANK[current]:
-            # history only, or an event the status is past already: status stays
-            state.orders[order_id] = tracked._replace(decided_at=decided_at, seq=tracked.seq + 1)
-            if target is None:
-                state.stats.history_only += 1
-                return
+        state.changed.add(order_id)
+        row: list[Any] = list(tracked)
+        row[SEQ] += 1
+        if record is not None:
+            record(row, event)
+        moves = target is not None and lifecycle.applies(current, name)
+        state.new_history.append(
+            HistoryRow(
+                order_id,
+                name,
+                target,
+                at,
+                detail_of(event)[:MAX_DETAIL],
+                source,
+                current if moves else None,
+            )
+        )
+        if target is None:
+            state.stats.history_only += 1
+        elif not moves:
+            # an event the status is past already (stale, redelivered elsewhere), or one
+            # that contradicts it: the status stays
             state.stats.stale += 1
-            if target != current and STATUS_RANK[target] == STATUS_RANK[current]:
+            if target != current and lifecycle.RANK[target] >= lifecycle.RANK[current]:
                 logger.warning(
                     "tracker: order %s is %s but %s arrived (%s); status kept",
                     order_id,
@@ -395,33 +583,17 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
                     name,
                     source,
                 )
-            return
-        reason, detail, cancelled_at = tracked.reason, tracked.detail, tracked.cancelled_at
-        if target == "REJECTED":
-            rejected = cast(OrderRejected, event)
-            reason = rejected.reason
-            detail = rejected.detail
-        elif target == "CANCELLED":
-            cancelled = cast(OrderCancelled, event)
-            cancelled_at = at
-            if cancelled.detail:
-                detail = cancelled.detail
-        # positional, in column order (``_replace`` costs several times more, per event)
-        state.orders[order_id] = TrackedOrder(
-            order_id,
-            tracked.customer_id,
-            target,
-            tracked.items,
-            tracked.total,
-            tracked.currency,
-            tracked.created_at,
-            tracked.placed_at,
-            decided_at,
-            cancelled_at,
-            reason,
-            detail,
-            max(tracked.updated_at, at),
-            tracked.seq + 1,
-            tracked.body_hash,
-        )
-        state.stats.transitions += 1
+        else:
+            if lifecycle.transition(current, name) is None:
+                state.stats.undeclared += 1
+                state.first_undeclared = (
+                    state.first_undeclared or f"order {order_id}: {current} --{name}--> ({source})"
+                )
+            row[STATUS] = target
+            row[UPDATED] = max(row[UPDATED], at)
+            if lifecycle.is_terminal(target):
+                row[ENDED] = at
+            if cause is not None:
+                cause(row, event)
+            state.stats.transitions += 1
+        state.orders[order_id] = _make_row(row)

@@ -24,12 +24,22 @@ from urllib.parse import urlsplit
 
 from ordermesh.config import Settings
 from ordermesh.errors import ConfigError, StoreError
-from ordermesh.stores import sqlite_idempotency, sqlite_inventory, sqlite_tracker
+from ordermesh.stores import (
+    sqlite_fulfilment,
+    sqlite_idempotency,
+    sqlite_inventory,
+    sqlite_payments,
+    sqlite_tracker,
+)
+from ordermesh.stores.fulfilment import FulfilmentStore
 from ordermesh.stores.idempotency import IdempotencyStore
 from ordermesh.stores.inventory import InventoryStore
+from ordermesh.stores.payments import PaymentsStore
 from ordermesh.stores.sqlite import SqliteDatabase, schema_version
+from ordermesh.stores.sqlite_fulfilment import SqliteFulfilmentStore
 from ordermesh.stores.sqlite_idempotency import SqliteIdempotencyStore
 from ordermesh.stores.sqlite_inventory import SqliteInventoryStore
+from ordermesh.stores.sqlite_payments import SqlitePaymentsStore
 from ordermesh.stores.sqlite_tracker import SqliteOrderQueries, SqliteTrackerStore
 from ordermesh.stores.tracker import OrderQueries, TrackerStore
 
@@ -123,6 +133,27 @@ def open_idempotency_store(settings: Settings) -> IdempotencyStore:
     return SqliteIdempotencyStore(settings.api_db_path())
 
 
+def open_payments_store(settings: Settings) -> PaymentsStore:
+    """The payments service's store, read-write (SQLite: created and upgraded as needed).
+    Each caller gets its own connection (the batch handler and the worker open one each)."""
+    url = _postgres_url(settings)
+    if url is not None:
+        from ordermesh.stores.postgres_payments import PostgresPaymentsStore
+
+        return PostgresPaymentsStore(url)
+    return SqlitePaymentsStore(settings.payments_db_path())
+
+
+def open_fulfilment_store(settings: Settings) -> FulfilmentStore:
+    """The fulfilment service's store, read-write; one connection per caller."""
+    url = _postgres_url(settings)
+    if url is not None:
+        from ordermesh.stores.postgres_fulfilment import PostgresFulfilmentStore
+
+        return PostgresFulfilmentStore(url)
+    return SqliteFulfilmentStore(settings.fulfilment_db_path())
+
+
 def migrate(settings: Settings) -> list[str]:
     """Create or upgrade every store's schema to this code's version.
 
@@ -138,6 +169,8 @@ def migrate(settings: Settings) -> list[str]:
         ("inventory", settings.inventory_db_path(), sqlite_inventory.MIGRATIONS),
         ("tracker", settings.tracker_db_path(), sqlite_tracker.MIGRATIONS),
         ("api", settings.api_db_path(), sqlite_idempotency.MIGRATIONS),
+        ("payments", settings.payments_db_path(), sqlite_payments.MIGRATIONS),
+        ("fulfilment", settings.fulfilment_db_path(), sqlite_fulfilment.MIGRATIONS),
     )
     for name, path, steps in files:
         before = _sqlite_version(path)
@@ -165,11 +198,23 @@ def _sqlite_version(path: Path) -> int:
 
 
 def _migrate_postgres(url: str) -> list[str]:
-    from ordermesh.stores import postgres_idempotency, postgres_inventory, postgres_tracker
+    from ordermesh.stores import (
+        postgres_fulfilment,
+        postgres_idempotency,
+        postgres_inventory,
+        postgres_payments,
+        postgres_tracker,
+    )
     from ordermesh.stores.postgres import PostgresDatabase
 
     applied: list[str] = []
-    for module in (postgres_inventory, postgres_tracker, postgres_idempotency):
+    for module in (
+        postgres_inventory,
+        postgres_tracker,
+        postgres_idempotency,
+        postgres_payments,
+        postgres_fulfilment,
+    ):
         db = PostgresDatabase(url, name=module.SCHEMA, migrations=module.MIGRATIONS, lazy=True)
         try:
             applied += db.migrate()

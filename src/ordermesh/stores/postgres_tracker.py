@@ -1,7 +1,8 @@
 """``TrackerStore`` and ``OrderQueries`` on PostgreSQL; see ``stores/tracker.py`` (what is
 kept) and ``stores/postgres.py`` (pool, migrations).
 
-Tables as in SQLite (``orders``, ``history``, ``pending``), in the ``tracker`` schema;
+Tables as in SQLite (``orders``, ``history``, ``pending``), in the ``tracker`` schema
+(version 2, the whole life, widens the status CHECK in place and adds its columns);
 ``orders.order_id`` is ``COLLATE "C"`` so pages come in SQLite's (byte) order whatever
 the database's locale, straight from the primary key's index.
 
@@ -34,8 +35,10 @@ import psycopg
 from ordermesh.errors import StoreError
 from ordermesh.repeats import Repeats
 from ordermesh.stores.postgres import PgMigration, PostgresDatabase
+from ordermesh.stores.sqlite_tracker import BACKFILL_PRIOR
 from ordermesh.stores.tracker import (
     ORDER_STATUSES,
+    UPDATED_FIELDS,
     HistoryEntry,
     HistoryRow,
     OrderPage,
@@ -107,6 +110,34 @@ MIGRATIONS: Final = (
             """,
         ),
     ),
+    PgMigration(
+        "the whole life: payment, shipment, deadlines, transitions",
+        (
+            # the column's CHECK of version 1, under PostgreSQL's own name for it
+            "ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_status_check",
+            """
+            ALTER TABLE orders ADD CONSTRAINT orders_status_check
+                CHECK (status IN ('PLACED', 'RESERVED', 'PAID', 'SHIPPED', 'REJECTED',
+                                  'PAYMENT_FAILED', 'EXPIRED', 'CANCELLED'))
+            """,
+            # nullable or with a constant default: no table rewrite, whatever its size
+            """
+            ALTER TABLE orders
+                ADD COLUMN expires_at DOUBLE PRECISION,
+                ADD COLUMN paid_at DOUBLE PRECISION,
+                ADD COLUMN shipped_at DOUBLE PRECISION,
+                ADD COLUMN ended_at DOUBLE PRECISION,
+                ADD COLUMN authorization_id TEXT,
+                ADD COLUMN authorized DOUBLE PRECISION NOT NULL DEFAULT 0,
+                ADD COLUMN captured DOUBLE PRECISION NOT NULL DEFAULT 0,
+                ADD COLUMN voided DOUBLE PRECISION NOT NULL DEFAULT 0,
+                ADD COLUMN refunded DOUBLE PRECISION NOT NULL DEFAULT 0,
+                ADD COLUMN shipment_id TEXT
+            """,
+            "ALTER TABLE history ADD COLUMN prior TEXT",
+            *BACKFILL_PRIOR,
+        ),
+    ),
 )
 
 _COLUMNS: Final = ", ".join(TrackedOrder._fields)
@@ -115,22 +146,20 @@ _O_COLUMNS: Final = ", ".join(f"o.{name}" for name in TrackedOrder._fields)
 _TYPES: Final = (
     *("text", "text", "text", "text", "float8", "text", "float8", "float8", "float8"),
     *("float8", "text", "text", "float8", "int8", "bytea"),
+    *("float8", "float8", "float8", "float8", "text", "float8", "float8", "float8", "float8"),
+    "text",
 )
+_TYPE_OF: Final = dict(zip(TrackedOrder._fields, _TYPES, strict=True))
 _INSERT: Final = (
     f"INSERT INTO orders ({_COLUMNS}) SELECT * FROM unnest("
     + ", ".join(f"%s::{t}[]" for t in _TYPES)
     + ") ORDER BY 1"
 )
-_UPDATE: Final = """
-    UPDATE orders SET status = v.status, decided_at = v.decided_at,
-        cancelled_at = v.cancelled_at, reason = v.reason, detail = v.detail,
-        updated_at = v.updated_at, seq = v.seq
-    FROM unnest(
-        %s::text[], %s::text[], %s::float8[], %s::float8[], %s::text[], %s::text[],
-        %s::float8[], %s::int8[]
-    ) AS v (order_id, status, decided_at, cancelled_at, reason, detail, updated_at, seq)
-    WHERE orders.order_id = v.order_id
-"""
+_UPDATE: Final = (
+    f"UPDATE orders SET {', '.join(f'{name} = v.{name}' for name in UPDATED_FIELDS)}"
+    f" FROM unnest(%s::text[], {', '.join(f'%s::{_TYPE_OF[n]}[]' for n in UPDATED_FIELDS)})"
+    f" AS v (order_id, {', '.join(UPDATED_FIELDS)}) WHERE orders.order_id = v.order_id"
+)
 _payload_decoder: Final = msgspec.json.Decoder(list[str])
 
 
@@ -207,7 +236,7 @@ class PostgresOrderQueries:
     def get_order(self, order_id: str) -> OrderView | None:
         with self._db.reader("get order") as conn:
             rows = conn.execute(
-                f"SELECT {_O_COLUMNS}, h.event, h.status, h.at, h.detail FROM orders o"
+                f"SELECT {_O_COLUMNS}, h.event, h.status, h.at, h.detail, h.prior FROM orders o"
                 " LEFT JOIN history h ON h.order_id = o.order_id WHERE o.order_id = %s",
                 (order_id,),
             ).fetchall()
@@ -340,16 +369,8 @@ class PostgresTrackerStore(PostgresOrderQueries):
         self._write(
             "update orders",
             _UPDATE,
-            [
-                [r.order_id for r in ordered],
-                [r.status for r in ordered],
-                [r.decided_at for r in ordered],
-                [r.cancelled_at for r in ordered],
-                [r.reason for r in ordered],
-                [r.detail for r in ordered],
-                [r.updated_at for r in ordered],
-                [r.seq for r in ordered],
-            ],
+            [[r.order_id for r in ordered]]
+            + [[getattr(r, name) for r in ordered] for name in UPDATED_FIELDS],
         )
         self._notify(ordered)
 
@@ -358,9 +379,9 @@ class PostgresTrackerStore(PostgresOrderQueries):
         if ordered:
             self._write(
                 "insert history",
-                "INSERT INTO history (order_id, event, status, at, detail, source)"
+                "INSERT INTO history (order_id, event, status, at, detail, source, prior)"
                 " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[],"
-                " %s::text[], %s::text[]) ON CONFLICT (order_id, event) DO NOTHING",
+                " %s::text[], %s::text[], %s::text[]) ON CONFLICT (order_id, event) DO NOTHING",
                 [list(column) for column in zip(*ordered, strict=True)],
             )
 

@@ -8,13 +8,18 @@ sharing one file) take turns.
 
 Tables: ``orders`` (one row per order, the columns of ``TrackedOrder``), ``history``
 (primary key (order_id, event)) and ``pending`` (the same key, raw event bytes).
+
+Schema version 3 (the whole life) rebuilds ``orders``: SQLite cannot change the CHECK
+on ``status`` in place, and the table's other columns come along in the copy.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Collection, Iterable
 from contextlib import AbstractContextManager
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,6 +27,7 @@ from ordermesh.errors import StoreError
 from ordermesh.stores.sqlite import Migration, SqliteDatabase, Synchronous, add_column, statements
 from ordermesh.stores.tracker import (
     ORDER_STATUSES,
+    UPDATED_FIELDS,
     HistoryEntry,
     HistoryRow,
     OrderPage,
@@ -35,6 +41,83 @@ from ordermesh.stores.tracker import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Schema version 3's orders table. Frozen as written: a later change is a new step.
+_ORDERS_V3: Final = """
+    CREATE TABLE orders_v3 (
+        order_id TEXT PRIMARY KEY,
+        customer_id TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('PLACED', 'RESERVED', 'PAID', 'SHIPPED', 'REJECTED',
+                              'PAYMENT_FAILED', 'EXPIRED', 'CANCELLED')),
+        items TEXT NOT NULL,
+        total REAL NOT NULL,
+        currency TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        placed_at REAL NOT NULL,
+        decided_at REAL,
+        cancelled_at REAL,
+        reason TEXT,
+        detail TEXT,
+        updated_at REAL NOT NULL,
+        seq INTEGER NOT NULL,
+        body_hash BLOB,
+        expires_at REAL,
+        paid_at REAL,
+        shipped_at REAL,
+        ended_at REAL,
+        authorization_id TEXT,
+        authorized REAL NOT NULL DEFAULT 0,
+        captured REAL NOT NULL DEFAULT 0,
+        voided REAL NOT NULL DEFAULT 0,
+        refunded REAL NOT NULL DEFAULT 0,
+        shipment_id TEXT
+    )
+"""
+# Which event moved the orders of the releases before (their four statuses): the
+# decision matching the status, and the cancel of a reserved order.
+BACKFILL_PRIOR: Final = (
+    """
+    UPDATE history SET prior = 'PLACED' WHERE event = 'OrderReserved' AND order_id IN
+        (SELECT order_id FROM orders WHERE status IN ('RESERVED', 'CANCELLED'))
+    """,
+    """
+    UPDATE history SET prior = 'PLACED' WHERE event = 'OrderRejected' AND order_id IN
+        (SELECT order_id FROM orders WHERE status = 'REJECTED')
+    """,
+    """
+    UPDATE history SET prior = 'RESERVED' WHERE event = 'OrderCancelled' AND order_id IN
+        (SELECT order_id FROM orders WHERE status = 'CANCELLED')
+    """,
+    # the orders that ended then, ended when they were rejected or cancelled
+    """
+    UPDATE orders SET ended_at = coalesce(cancelled_at, decided_at)
+    WHERE status IN ('REJECTED', 'CANCELLED') AND ended_at IS NULL
+    """,
+)
+
+
+def _whole_life(conn: sqlite3.Connection) -> None:
+    """Schema version 3: every status of the lifecycle, the life's columns, and each
+    history row's ``prior``; a no-op on a file that has them (from before versioning)."""
+    (table_sql,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'orders'"
+    ).fetchone()
+    if "'SHIPPED'" not in table_sql:
+        old = [row[1] for row in conn.execute("PRAGMA table_info(orders)")]
+        conn.execute(_ORDERS_V3)
+        kept = ", ".join(old)
+        conn.execute(f"INSERT INTO orders_v3 ({kept}) SELECT {kept} FROM orders")
+        conn.execute("DROP TABLE orders")
+        conn.execute("ALTER TABLE orders_v3 RENAME TO orders")
+        conn.execute("CREATE INDEX IF NOT EXISTS orders_status ON orders (status, order_id)")
+        conn.execute("CREATE INDEX IF NOT EXISTS orders_customer ON orders (customer_id, order_id)")
+    present = {row[1] for row in conn.execute("PRAGMA table_info(history)")}
+    if "prior" not in present:
+        conn.execute("ALTER TABLE history ADD COLUMN prior TEXT")
+        for statement in BACKFILL_PRIOR:
+            conn.execute(statement)
+
 
 # Append only: the n-th step brings a database to schema version n (stores/sqlite.py).
 MIGRATIONS: Final = (
@@ -88,6 +171,7 @@ MIGRATIONS: Final = (
     ),
     # NULL in rows recorded before: any copy of such an order is taken as a redelivery
     Migration("orders.body_hash", add_column("orders", "body_hash", "BLOB")),
+    Migration("the whole life: payment, shipment, deadlines, transitions", _whole_life),
 )
 
 _COLUMNS: Final = ", ".join(TrackedOrder._fields)
@@ -95,9 +179,10 @@ _INSERT: Final = (
     f"INSERT INTO orders ({_COLUMNS}) VALUES ({', '.join('?' * len(TrackedOrder._fields))})"
 )
 _UPDATE: Final = (
-    "UPDATE orders SET status = ?, decided_at = ?, cancelled_at = ?, reason = ?, detail = ?,"
-    " updated_at = ?, seq = ? WHERE order_id = ?"
+    f"UPDATE orders SET {', '.join(f'{name} = ?' for name in UPDATED_FIELDS)} WHERE order_id = ?"
 )
+_update_params: Final = attrgetter(*UPDATED_FIELDS, "order_id")
+_HISTORY_COLUMNS: Final = "event, status, at, detail, prior"
 
 
 def _tracked(row: Any) -> TrackedOrder:
@@ -144,7 +229,7 @@ class SqliteOrderQueries:
             if row is None:
                 return None
             entries = conn.execute(
-                "SELECT event, status, at, detail FROM history WHERE order_id = ?", (order_id,)
+                f"SELECT {_HISTORY_COLUMNS} FROM history WHERE order_id = ?", (order_id,)
             ).fetchall()
         order = _tracked(row)
         return order.view(order_history(order.created_at, (HistoryEntry(*e) for e in entries)))
@@ -235,29 +320,13 @@ class SqliteTrackerStore(SqliteOrderQueries):
         self._db.write_many("insert orders", _INSERT, list(rows))
 
     def update_orders(self, rows: Iterable[TrackedOrder]) -> None:
-        self._db.write_many(
-            "update orders",
-            _UPDATE,
-            [
-                (
-                    r.status,
-                    r.decided_at,
-                    r.cancelled_at,
-                    r.reason,
-                    r.detail,
-                    r.updated_at,
-                    r.seq,
-                    r.order_id,
-                )
-                for r in rows
-            ],
-        )
+        self._db.write_many("update orders", _UPDATE, [_update_params(r) for r in rows])
 
     def insert_history(self, rows: Iterable[HistoryRow]) -> None:
         self._db.write_many(
             "insert history",
-            "INSERT INTO history (order_id, event, status, at, detail, source)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, event) DO NOTHING",
+            "INSERT INTO history (order_id, event, status, at, detail, source, prior)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, event) DO NOTHING",
             list(rows),
         )
 

@@ -7,18 +7,28 @@ SQLite file, ``stores/factory.py`` picks the implementation. No SQL in this modu
 
 What an implementation keeps (every backend the same):
 
-- orders: the current view of an order (``TrackedOrder``). ``items`` is JSON text
-  ``[[sku, quantity, unit_price], ...]`` as placed. ``created_at`` is the order's own
-  time, ``placed_at`` when the tracker recorded it, ``decided_at``/``cancelled_at`` the
-  ``at`` of the inventory's events, ``updated_at`` the latest status transition.
+- orders: the current view of an order (``TrackedOrder``): its status (one of
+  ``lifecycle.STATUSES``) and the columns of its whole life, so a read or a page of
+  orders needs no history. ``items`` is JSON text ``[[sku, quantity, unit_price], ...]``
+  as placed. ``created_at`` is the order's own time, ``placed_at`` when the tracker
+  recorded it; ``decided_at`` / ``expires_at`` / ``paid_at`` / ``shipped_at`` are the
+  ``at`` (and the deadline) of the events of those steps, whether or not they were
+  read in order; ``ended_at`` / ``cancelled_at`` the ``at`` of the event that moved it to
+  its terminal status; ``updated_at`` the latest status transition. The payment columns
+  (``authorization_id``, ``authorized``, ``captured``, ``voided``, ``refunded``) and
+  ``shipment_id`` come from the payments' and fulfilment's facts (and the inventory's
+  OrderPaid / OrderShipped, which repeat them); each is set by one event type, so
+  redelivery and reordering leave them as they are.
   ``seq`` is the version of the order's view: 1 on insert, +1 for every history entry
   applied later, so a reader can tell that anything (status or history) changed.
   ``body_hash`` is ``schema.order_fingerprint`` of the order recorded, so a later copy
   with the same order_id but another body is recognised (None in rows recorded before
   it was kept).
-- history: one row per (order, event type) of the inventory's events. Redelivered events
-  hit that key and change nothing; ``status`` is the status the event stands for (None
-  for ``StockReleased`` / ``CancelRejected``, which do not move the status). The
+- history: one row per (order, event type) of every event of ``order-events``.
+  Redelivered events hit that key and change nothing; ``status`` is the status the event
+  stands for (None for the facts of ``lifecycle.FACTS``, which do not move the status),
+  ``prior`` the status it moved the order from (None when it did not move it: a fact, or
+  a stale event), so the rows with a ``prior`` are the order's transitions. The
   ``OrderPlaced`` entry has no row: it is the order row itself (``created_at``), added
   when the history is read (``order_history``); rows written before that are read too.
 - pending: events that arrived before their ``OrderPlaced`` (``orders`` and
@@ -33,24 +43,37 @@ import binascii
 from collections.abc import Collection, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NamedTuple, Protocol, get_args
+from typing import Any, Final, NamedTuple, Protocol
 
 import msgspec
 
-OrderStatus = Literal["PLACED", "RESERVED", "REJECTED", "CANCELLED"]
-ORDER_STATUSES: Final[tuple[OrderStatus, ...]] = get_args(OrderStatus)
+from ordermesh import lifecycle
+
+OrderStatus = lifecycle.Status
+ORDER_STATUSES: Final[tuple[OrderStatus, ...]] = lifecycle.STATUSES
 
 MAX_PAGE: Final = 500
 
-# Where an event sorts among events of the same instant (clocks of different hosts may
-# also put them out of order): placed, then decided, then released, then cancelled.
+# Where a fact sorts among the status events (even numbers, below): after the step it
+# follows and before the next one.
+_FACT_STEP: Final[dict[str, int]] = {
+    "PaymentAuthorized": 3,  # after OrderReserved, before OrderPaid
+    "PaymentDeclined": 3,  # after OrderReserved, before OrderPaymentFailed
+    "ShipmentReady": 5,  # after OrderPaid, before OrderShipped
+    "StockReleased": 5,  # with the end it releases for, before OrderCancelled
+    "CancelRejected": 7,
+    "PaymentCaptured": 7,
+    "PaymentVoided": 7,
+    "PaymentRefunded": 7,
+}
+# Where an event sorts among an order's events of the same instant (clocks of different
+# hosts may also put them out of order), and the order in which parked events are
+# applied: a status event by the rank of its target (every declared transition climbs
+# a rank, so this is a valid life's own order), facts between the steps they follow.
 EVENT_RANK: Final[dict[str, int]] = {
     "OrderPlaced": 0,
-    "OrderReserved": 1,
-    "OrderRejected": 1,
-    "CancelRejected": 2,
-    "StockReleased": 2,
-    "OrderCancelled": 3,
+    **{t.event: 2 * lifecycle.RANK[t.target] for t in lifecycle.TRANSITIONS},
+    **_FACT_STEP,
 }
 
 ItemTuple = tuple[str, int, float]
@@ -62,10 +85,37 @@ _items_decoder: Final = msgspec.json.Decoder(list[tuple[str, int, float]])
 
 @dataclass(frozen=True)
 class HistoryEntry:
+    """One event of the order; ``prior`` is the status it moved the order from (None: it
+    did not move it)."""
+
     event: str
     status: OrderStatus | None
     at: float
     detail: str
+    prior: OrderStatus | None = None
+
+
+@dataclass(frozen=True)
+class TransitionEntry:
+    """A status move and its cause: the event that made it, with the event's detail."""
+
+    source: OrderStatus
+    target: OrderStatus
+    event: str
+    at: float
+    detail: str
+
+
+@dataclass(frozen=True)
+class PaymentView:
+    """The order's money at the gateway, as the payments service reported it."""
+
+    authorization_id: str | None
+    authorized: float
+    captured: float
+    voided: float
+    refunded: float
+    net: float  # captured - refunded: what the order keeps
 
 
 @dataclass(frozen=True)
@@ -77,18 +127,28 @@ class OrderItemView:
 
 @dataclass(frozen=True)
 class OrderView:
-    """An order as the tracker knows it; ``history`` is empty in list results."""
+    """An order as the tracker knows it; ``transitions`` and ``history`` are empty in
+    list results."""
 
     order_id: str
     customer_id: str
     status: OrderStatus
+    terminal: bool
     items: list[OrderItemView]
     total: float
     currency: str
     created_at: float
     updated_at: float
+    decided_at: float | None
+    expires_at: float | None
+    paid_at: float | None
+    shipped_at: float | None
+    ended_at: float | None
     reason: str | None
     detail: str | None
+    payment: PaymentView
+    shipment_id: str | None
+    transitions: list[TransitionEntry]
     history: list[HistoryEntry]
 
 
@@ -181,6 +241,15 @@ def order_history(created_at: float, stored: Iterable[HistoryEntry]) -> list[His
     return history
 
 
+def transitions_of(history: Iterable[HistoryEntry]) -> list[TransitionEntry]:
+    """The status moves among ``history`` (the entries with a ``prior``), in its order."""
+    return [
+        TransitionEntry(entry.prior, entry.status, entry.event, entry.at, entry.detail)
+        for entry in history
+        if entry.prior is not None and entry.status is not None
+    ]
+
+
 # --- rows the core reads and writes ------------------------------------------------------
 
 
@@ -202,6 +271,17 @@ class TrackedOrder(NamedTuple):
     updated_at: float
     seq: int
     body_hash: bytes | None  # None for rows recorded before it was kept
+    # the rest of the order's life (defaults: not there yet)
+    expires_at: float | None = None
+    paid_at: float | None = None
+    shipped_at: float | None = None
+    ended_at: float | None = None
+    authorization_id: str | None = None
+    authorized: float = 0.0
+    captured: float = 0.0
+    voided: float = 0.0
+    refunded: float = 0.0
+    shipment_id: str | None = None
 
     def view(self, history: list[HistoryEntry]) -> OrderView:
         """The order as readers see it."""
@@ -209,15 +289,55 @@ class TrackedOrder(NamedTuple):
             order_id=self.order_id,
             customer_id=self.customer_id,
             status=self.status,
+            terminal=lifecycle.is_terminal(self.status),
             items=[OrderItemView(*item) for item in decode_items(self.items)],
             total=self.total,
             currency=self.currency,
             created_at=self.created_at,
             updated_at=self.updated_at,
+            decided_at=self.decided_at,
+            expires_at=self.expires_at,
+            paid_at=self.paid_at,
+            shipped_at=self.shipped_at,
+            ended_at=self.ended_at,
             reason=self.reason,
             detail=self.detail,
+            payment=PaymentView(
+                self.authorization_id,
+                self.authorized,
+                self.captured,
+                self.voided,
+                self.refunded,
+                # in cents: 0.1 + 0.2 - 0.3 is not 0 in floats
+                round(self.captured * 100 - self.refunded * 100) / 100,
+            ),
+            shipment_id=self.shipment_id,
+            transitions=transitions_of(history),
             history=history,
         )
+
+
+# The columns ``update_orders`` writes, in this order (then order_id): all but those
+# fixed at insert.
+UPDATED_FIELDS: Final = (
+    "status",
+    "decided_at",
+    "cancelled_at",
+    "reason",
+    "detail",
+    "updated_at",
+    "seq",
+    "expires_at",
+    "paid_at",
+    "shipped_at",
+    "ended_at",
+    "authorization_id",
+    "authorized",
+    "captured",
+    "voided",
+    "refunded",
+    "shipment_id",
+)
 
 
 class HistoryRow(NamedTuple):
@@ -227,6 +347,7 @@ class HistoryRow(NamedTuple):
     at: float
     detail: str
     source: str | None
+    prior: OrderStatus | None = None  # the status it moved the order from; None: none
 
 
 class PendingEvent(NamedTuple):
@@ -267,9 +388,9 @@ class TrackerStore(Protocol):
         ...
 
     def update_orders(self, rows: Iterable[TrackedOrder]) -> None:
-        """Stored orders whose status, times, reason, detail or ``seq`` changed; the
-        columns fixed at insert (customer, items, amounts, ``placed_at``, ``body_hash``)
-        are left as they are."""
+        """Stored orders whose life (status, times, reason, detail, payment, shipment or
+        ``seq``) changed: the ``UPDATED_FIELDS``; the columns fixed at insert (customer,
+        items, amounts, ``placed_at``, ``body_hash``) are left as they are."""
         ...
 
     def insert_history(self, rows: Iterable[HistoryRow]) -> None:

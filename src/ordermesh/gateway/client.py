@@ -1,0 +1,235 @@
+"""``HttpGateway``: the ``PaymentGateway`` seam spoken to ``ordermesh gateway`` over HTTP.
+
+How an HTTP result becomes an outcome (``gateway.protocol``):
+
+- 200: an ``Outcome``, approved or declined;
+- 503, a refused connection, a connect or pool timeout: ``GatewayUnavailableError``
+  (the request never reached the gateway, or it said it applied nothing);
+- a read or write timeout, a connection dropped or reset before the whole reply, any
+  other 5xx: ``GatewayUnknownOutcomeError`` (it may have been applied: look the key up);
+- any 4xx: ``GatewayError`` with the gateway's problem detail (a bug of the caller, such
+  as a key reused with other parameters: retrying cannot help).
+
+``open_gateway(settings)`` is the factory payments calls; a real provider's adapter is
+another ``PaymentGateway`` it returns (docs/payments.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Final, TypeVar
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from ordermesh.config import Settings
+from ordermesh.errors import GatewayError, GatewayUnavailableError, GatewayUnknownOutcomeError
+from ordermesh.gateway.protocol import Outcome, PaymentGateway
+from ordermesh.gateway.wire import (
+    DEFAULT_PAGE,
+    LedgerPage,
+    OperationBody,
+    OrderSummary,
+    SummaryPage,
+)
+
+# idle pooled connections are closed before the server's keep-alive ends theirs (30 s),
+# so a call rarely picks a connection the server is closing
+KEEPALIVE_EXPIRY_S: Final = 15.0
+
+_T = TypeVar("_T")
+_operation = msgspec.json.Decoder(OperationBody)
+_ledger_page = msgspec.json.Decoder(LedgerPage)
+_summary_page = msgspec.json.Decoder(SummaryPage)
+
+
+def _problem_detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail or response.text[:200] or response.reason_phrase)
+
+
+class HttpGateway:
+    """An async ``PaymentGateway`` over one pooled ``httpx.AsyncClient``.
+
+    ``max_connections`` bounds the calls in flight on the wire (more wait for a free
+    connection, up to ``timeout_s``); ``timeout_s`` bounds each call.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 5.0, max_connections: int = 128) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+            ),
+        )
+
+    # --- the PaymentGateway protocol -----------------------------------------------------
+
+    async def authorize(
+        self,
+        key: str,
+        *,
+        order_id: str,
+        amount_cents: int,
+        currency: str,
+        customer_id: str,
+        card: str,
+    ) -> Outcome:
+        body = {
+            "order_id": order_id,
+            "amount_cents": amount_cents,
+            "currency": currency,
+            "customer_id": customer_id,
+            "card": card,
+        }
+        return await self._operate("/v1/authorizations", key, body)
+
+    async def capture(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome:
+        path = f"{_auth_path(authorization_id)}/capture"
+        return await self._operate(path, key, {"amount_cents": amount_cents})
+
+    async def void(self, key: str, *, authorization_id: str) -> Outcome:
+        return await self._operate(f"{_auth_path(authorization_id)}/void", key, {})
+
+    async def refund(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome:
+        path = f"{_auth_path(authorization_id)}/refund"
+        return await self._operate(path, key, {"amount_cents": amount_cents})
+
+    async def lookup(self, key: str) -> Outcome | None:
+        response = await self._send("GET", "/v1/operations/" + quote(key, safe=""), read_only=True)
+        if response.status_code == 404:
+            return None
+        return self._decode(response, _operation).outcome()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    # --- the ledger (what verify reads) --------------------------------------------------
+
+    async def ledger(
+        self, *, after: int = 0, page_size: int = DEFAULT_PAGE
+    ) -> AsyncIterator[OperationBody]:
+        """Every ledger entry with ``seq > after``, in order, a page at a time."""
+        cursor: int | None = after
+        while cursor is not None:
+            params = {"after": cursor, "limit": page_size}
+            page = self._decode(await self._read("/v1/ledger", params), _ledger_page)
+            for entry in page.entries:
+                yield entry
+            cursor = page.next_after
+
+    async def ledger_summary(self, *, page_size: int = DEFAULT_PAGE) -> dict[str, OrderSummary]:
+        """The money of every order in the ledger, by order id."""
+        found: dict[str, OrderSummary] = {}
+        cursor: str | None = ""
+        while cursor is not None:
+            params = {"after": cursor, "limit": page_size}
+            page = self._decode(await self._read("/v1/ledger/orders", params), _summary_page)
+            found.update((summary.order_id, summary) for summary in page.orders)
+            cursor = page.next_after
+        return found
+
+    async def order_summary(self, order_id: str) -> OrderSummary | None:
+        """One order's money in the ledger (None: the ledger has nothing of it)."""
+        response = await self._read("/v1/ledger/orders", {"order_id": order_id})
+        orders = self._decode(response, _summary_page).orders
+        return orders[0] if orders else None
+
+    async def faults(self, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The gateway's fault settings, after applying ``changes`` when given."""
+        if changes is None:
+            response = await self._read("/admin/faults", {})
+        else:
+            response = await self._send("POST", "/admin/faults", json=changes, read_only=True)
+            self._check(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    async def _operate(self, path: str, key: str, body: dict[str, Any]) -> Outcome:
+        response = await self._send("POST", path, json=body, headers={"Idempotency-Key": key})
+        return self._decode(response, _operation).outcome()
+
+    async def _read(self, path: str, params: dict[str, Any]) -> httpx.Response:
+        response = await self._send("GET", path, params=params, read_only=True)
+        self._check(response)
+        return response
+
+    async def _send(
+        self, method: str, path: str, *, read_only: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        where = f"{method} {self.base_url}{path}"
+        try:
+            response = await self._client.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # the request never left: nothing can have been applied
+            raise GatewayUnavailableError(f"{where}: gateway unreachable: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            # a timeout or a cut after the request went out: it may have been applied
+            cls = GatewayUnavailableError if read_only else GatewayUnknownOutcomeError
+            raise cls(f"{where}: no answer: {exc!r}") from exc
+        status = response.status_code
+        if status == 503:
+            raise GatewayUnavailableError(f"{where}: 503 not applied: {_problem_detail(response)}")
+        if status >= 500:
+            cls = GatewayUnavailableError if read_only else GatewayUnknownOutcomeError
+            raise cls(f"{where}: {status}: {_problem_detail(response)}")
+        return response
+
+    def _check(self, response: httpx.Response) -> None:
+        if response.status_code >= 400:
+            raise GatewayError(
+                f"{response.request.method} {response.request.url}: {response.status_code}:"
+                f" {_problem_detail(response)}"
+            )
+
+    def _decode(self, response: httpx.Response, decoder: msgspec.json.Decoder[_T]) -> _T:
+        self._check(response)
+        try:
+            return decoder.decode(response.content)
+        except msgspec.DecodeError as exc:
+            # a 200 whose body is not ours (a proxy, a truncated reply): no known outcome
+            raise GatewayUnknownOutcomeError(
+                f"{response.request.method} {response.request.url}: unreadable answer: {exc}"
+            ) from exc
+
+
+def _auth_path(authorization_id: str) -> str:
+    return "/v1/authorizations/" + quote(authorization_id, safe="")
+
+
+def open_gateway(settings: Settings) -> PaymentGateway:
+    """The payment gateway payments talks to, as the settings name it."""
+    return HttpGateway(
+        settings.gateway_base_url(),
+        timeout_s=settings.payments_timeout_s,
+        max_connections=settings.payments_concurrency,
+    )
+
+
+def read_ledger_summary(settings: Settings) -> dict[str, OrderSummary]:
+    """Every order's money in the gateway's ledger, from synchronous code (verify).
+
+    Raises ``GatewayError`` (a subclass of it) when the gateway cannot answer.
+    """
+
+    async def read() -> dict[str, OrderSummary]:
+        gateway = HttpGateway(
+            settings.gateway_base_url(), timeout_s=max(settings.payments_timeout_s, 30.0)
+        )
+        try:
+            return await gateway.ledger_summary()
+        finally:
+            await gateway.close()
+
+    return asyncio.run(read())
