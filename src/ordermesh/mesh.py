@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ordermesh.broker.local import LocalCluster, free_ports, port_free
 from ordermesh.config import Settings
@@ -43,6 +43,19 @@ LOAD = "load"
 GATEWAY = "gateway"
 # what carries an order past its reservation (MeshPlan.lifecycle)
 LIFE_SERVICES = (GATEWAY, "payments", "fulfilment")
+# How the gateway of `up` misbehaves, so every branch of a payment shows up: a card
+# processor's latency, and now and then a call that hangs past the client's timeout
+# (not applied) or whose reply is lost (applied), both resolved by looking the key up.
+UP_GATEWAY_FAULTS: Final = (
+    "--latency-p50-ms",
+    "20",
+    "--latency-p99-ms",
+    "150",
+    "--timeout-rate",
+    "0.001",
+    "--lost-response-rate",
+    "0.001",
+)
 # what puts orders in: stopped first, so the consumers can finish what was accepted
 INPUTS = (LOAD, "api")
 
@@ -91,6 +104,8 @@ class MeshPlan:
     # the whole life of an order (the gateway, payments and fulfilment); False: orders end
     # at their reservation, as a mesh measuring the inventory alone wants
     lifecycle: bool = True
+    # the gateway's fault options (``ordermesh gateway --help``)
+    gateway_faults: tuple[str, ...] = UP_GATEWAY_FAULTS
 
 
 def check_plan(plan: MeshPlan, settings: Settings) -> None:
@@ -181,7 +196,10 @@ class Mesh:
                 env = self._instance_env(name)
                 if spec.http:
                     port = port_or_free(http_ports.get(spec.name, 0) if i == 1 else 0)
-                    sup.add(name, [*spec.command, "--port", str(port)], env=env)
+                    args = [*spec.command, "--port", str(port)]
+                    if spec.name == GATEWAY:
+                        args += self.plan.gateway_faults
+                    sup.add(name, args, env=env)
                     if spec.name == GATEWAY:
                         # every child (payments, verify) reaches the gateway on this port
                         self._use_settings(self.settings.model_copy(update={"gateway_port": port}))

@@ -25,12 +25,12 @@ class Nothing:
 
 def test_mesh_and_health_derive_from_the_topology() -> None:
     scalable = topology.scalable()
-    assert scalable == mesh.SCALABLE == ("inventory", "tracker", "api")
+    assert scalable == mesh.SCALABLE == ("inventory", "payments", "fulfilment", "tracker", "api")
     groups = topology.group_topics()
     assert groups == mesh.GROUP_TOPICS
     stateful = topology.group_topics(stateful_only=True)
     assert stateful == health.LAG_GROUPS
-    assert set(stateful) == {"inventory", "tracker"}
+    assert set(stateful) == {"inventory", "payments", "fulfilment", "tracker"}
 
 
 def test_every_consumer_has_an_app_module() -> None:
@@ -122,6 +122,8 @@ def test_a_new_consumer_service_needs_no_cli_edit(monkeypatch: pytest.MonkeyPatc
     fresh.command("noop")(lambda: None)
     assert register_service_commands(fresh, [*topology.SERVICES, spec]) == [
         "inventory run",
+        "payments run",
+        "fulfilment run",
         "tracker run",
         "dlq run",
         "analytics run",
