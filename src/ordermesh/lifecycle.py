@@ -26,6 +26,7 @@ revive it. The order stays in its terminal status and payments voids the authori
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final, Literal, NamedTuple, get_args
 
 Status = Literal[
@@ -45,7 +46,7 @@ TERMINAL: Final[frozenset[Status]] = frozenset(
 # Statuses whose order keeps its money at the end (captured, not refunded).
 KEEPS_MONEY: Final[frozenset[Status]] = frozenset({"SHIPPED"})
 # Statuses in which the inventory holds stock for the order, and where.
-HOLDS: Final[dict[Status, Literal["reserved", "committed"]]] = {
+HOLDS: Final[Mapping[str, Literal["reserved", "committed"]]] = {
     "RESERVED": "reserved",
     "PAID": "committed",
 }

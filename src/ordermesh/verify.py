@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
-from ordermesh import schema
+from ordermesh import lifecycle, schema
 from ordermesh.audit import AuditReport, Life, Lives, audit
 from ordermesh.config import Settings
 from ordermesh.errors import DecodeError, GatewayError, StoreError
@@ -196,6 +196,10 @@ class Observed:
     # (order_id, partition, offset) of every CancelOrder on order-commands
     cancels: list[tuple[str, int, int]] = field(default_factory=list)
     invalid_commands: set[tuple[int, int]] = field(default_factory=set)
+    # (order_id, partition, offset) of every ExpireReservation
+    expiries: list[tuple[str, int, int]] = field(default_factory=list)
+    # what the inventory had committed of order-events (None: everything)
+    inventory_events_done: Committed | None = None
     # (partition, offset) of records that have DLQ entries -> count, per source topic
     dlq_sources: Counter[tuple[int, int]] = field(default_factory=Counter)
     dlq_command_sources: Counter[tuple[int, int]] = field(default_factory=Counter)
@@ -271,6 +275,7 @@ def observe(settings: Settings, progress: Progress | None = None) -> Observed:
         inventory_orders_done=progress.get((INVENTORY, ORDERS)),
         inventory_commands_done=progress.get((INVENTORY, COMMANDS)),
         tracker_orders_done=progress.get((TRACKER, ORDERS)),
+        inventory_events_done=progress.get((INVENTORY, EVENTS)),
     )
     inventory_done = obs.inventory_orders_done
     tracker_events_done = progress.get((TRACKER, EVENTS))
@@ -297,6 +302,8 @@ def observe(settings: Settings, progress: Progress | None = None) -> Observed:
             continue
         if isinstance(command, schema.CancelOrder):
             obs.cancels.append((command.order_id, rec.partition, rec.offset))
+        elif isinstance(command, schema.ExpireReservation):
+            obs.expiries.append((command.order_id, rec.partition, rec.offset))
         # an ExpireReservation may find its order paid meanwhile, a Restock changes stock
         # only: neither must have an event of its own
 
@@ -482,15 +489,21 @@ def check_inventory_db(
                 + ("OrderReserved" if event_reserved else "OrderRejected"),
             )
 
-    held_db: Counter[str] = Counter()
+    # what the DB's orders hold, per sku and place: RESERVED orders reserved units, PAID
+    # ones committed units, SHIPPED ones shipped units
+    held_db: dict[str, Counter[str]] = {"reserved": Counter(), "committed": Counter()}
+    shipped_db: Counter[str] = Counter()
     db_skus: set[str] = set(movements)
     for order_id, (status, items) in db_orders.items():
         # a REJECTED order keeps its items as placed, unknown skus included
         if status != "REJECTED":
+            place = lifecycle.HOLDS.get(status)
             for sku, qty in items:
                 db_skus.add(sku)
-                if status == "RESERVED":
-                    held_db[sku] += qty
+                if place is not None:
+                    held_db[place][sku] += qty
+                elif status == "SHIPPED":
+                    shipped_db[sku] += qty
         if order_id not in obs.valid_orders and order_id not in obs.outcomes:
             report.judge(
                 "unknown_db_order",
@@ -498,19 +511,29 @@ def check_inventory_db(
                 pending=False,
                 unverifiable=obs.trimmed(ORDERS),
             )
-    held_events: Counter[str] = Counter()
+    # the same as the events tell it: each order holds what it reserved where its life
+    # on the topic stands
+    held_events: dict[str, Counter[str]] = {"reserved": Counter(), "committed": Counter()}
     event_skus: set[str] = set(obs.released_skus)
-    for order_id, reserved in obs.reserved_items.items():
-        cancelled = order_id in obs.cancelled
-        for item in reserved:
-            event_skus.add(item.sku)
-            if not cancelled:
-                held_events[item.sku] += item.quantity
-
     # skus whose events may lag the DB: touched by records the inventory has not committed
     unsettled = set(obs.unsettled_skus)
+    events_done = obs.inventory_events_done
+    for order_id, reserved in obs.reserved_items.items():
+        life = obs.lives.by_order.get(order_id)
+        if life is not None:
+            now_at: str = life.status()[0]
+        else:
+            now_at = "CANCELLED" if order_id in obs.cancelled else "RESERVED"
+        place = lifecycle.HOLDS.get(now_at)
+        for item in reserved:
+            event_skus.add(item.sku)
+            if place is not None:
+                held_events[place][item.sku] += item.quantity
+        if life is not None and _unsettled(events_done, *life.last):
+            unsettled.update(item.sku for item in reserved)
+
     commands_done = obs.inventory_commands_done
-    for order_id, part, off in obs.cancels:
+    for order_id, part, off in [*obs.cancels, *obs.expiries]:
         if _unsettled(commands_done, part, off):
             decided = db_orders.get(order_id)
             unsettled.update(sku for sku, _ in (decided[1] if decided else ()))
@@ -527,27 +550,41 @@ def check_inventory_db(
                 pending=sku not in db_skus and sku in unsettled,
             )
             continue
-        if row.available < 0 or row.reserved < 0:
-            report.violate("negative_stock", f"{sku}: {row.available}/{row.reserved}")
+        if min(row.available, row.reserved, row.committed, row.shipped) < 0:
+            report.violate(
+                "negative_stock",
+                f"{sku}: {row.available}/{row.reserved}/{row.committed}/{row.shipped}",
+            )
         entered = movements.get(sku, 0)
-        if entered != row.available + row.reserved:
+        held = row.available + row.reserved + row.committed + row.shipped
+        if entered != held:
             report.violate(
                 "stock_not_conserved",
-                f"{sku}: entered {entered} != available {row.available} + reserved {row.reserved}",
+                f"{sku}: entered + restocked {entered} != available {row.available} + reserved"
+                f" {row.reserved} + committed {row.committed} + shipped {row.shipped}",
             )
-        if held_db.get(sku, 0) != row.reserved:
+        if shipped_db.get(sku, 0) != row.shipped:
             report.violate(
-                "reserved_mismatch_db",
-                f"{sku}: reserved {row.reserved} != held by RESERVED orders {held_db.get(sku, 0)}",
+                "shipped_mismatch_db",
+                f"{sku}: shipped {row.shipped} != shipped by SHIPPED orders"
+                f" {shipped_db.get(sku, 0)}",
             )
-        if held_events.get(sku, 0) != row.reserved:
-            report.judge(
-                "reserved_mismatch_events",
-                f"{sku}: reserved {row.reserved} != held by OrderReserved events "
-                f"{held_events.get(sku, 0)}",
-                pending=sku in unsettled,
-                unverifiable=obs.trimmed(EVENTS),
-            )
+        for where, figure in (("reserved", row.reserved), ("committed", row.committed)):
+            holder = "RESERVED" if where == "reserved" else "PAID"
+            if held_db[where].get(sku, 0) != figure:
+                report.violate(
+                    f"{where}_mismatch_db",
+                    f"{sku}: {where} {figure} != held by {holder} orders"
+                    f" {held_db[where].get(sku, 0)}",
+                )
+            if held_events[where].get(sku, 0) != figure:
+                report.judge(
+                    f"{where}_mismatch_events",
+                    f"{sku}: {where} {figure} != held by {holder} orders on the topic"
+                    f" {held_events[where].get(sku, 0)}",
+                    pending=sku in unsettled,
+                    unverifiable=obs.trimmed(EVENTS),
+                )
 
 
 def check(

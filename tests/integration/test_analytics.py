@@ -16,11 +16,14 @@ from ordermesh.config import Settings
 from ordermesh.kafka.client import make_producer
 from ordermesh.kafka.lag import group_lag
 from ordermesh.loadgen import run_load, sku_name
+from ordermesh.records import InRecord, dead_letter
 from ordermesh.services.analytics import REJECT_REASONS
 from ordermesh.stores.factory import open_inventory_store
-from ordermesh.topics import COMMANDS, ORDERS
+from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS, topic_specs
+from ordermesh.topology import service
 from ordermesh.verify import VerifyReport, verify
 from tests.conftest import ServiceProcess, wait_for
+from tests.unit.test_analytics import Feed, every_branch
 
 
 def free_port() -> int:
@@ -82,9 +85,13 @@ def totals_match(port: int, expected: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def start_analytics(
-    service_factory: Callable[..., ServiceProcess], settings: Settings, port: int, name: str
+    service_factory: Callable[..., ServiceProcess],
+    settings: Settings,
+    port: int,
+    name: str,
+    *args: str,
 ) -> ServiceProcess:
-    proc = service_factory(["analytics", "run", "--port", str(port)], settings, name)
+    proc = service_factory(["analytics", "run", "--port", str(port), *args], settings, name)
     wait_for(
         lambda: get_json(port, "/healthz") is not None or not proc.alive(),
         30,
@@ -118,6 +125,12 @@ def run_pipeline(
     report = verify(settings, check_tracker=False)
     assert report.ok, report.violations
     return report
+
+
+def partitions_of(name: str) -> int:
+    """How many partitions the topics of service ``name`` have, at the default count."""
+    sizes = {spec.name: spec.partitions for spec in topic_specs()}
+    return sum(sizes[topic] for topic in service(name).consumes)
 
 
 def metric_samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -184,8 +197,8 @@ def test_totals_equal_verify_survive_kill_and_scrape(
             assert one("ordermesh_analytics_rate_per_second", kind=kind, window=window) >= 0
     assert one("ordermesh_analytics_latency_seconds", window="60s", quantile="0.99") > 0
 
-    # /groups: the inventory member owns its 12 partitions; analytics reads all 15
-    # without joining, and its commits show it caught up
+    # /groups: the inventory member owns every partition of its topics; analytics reads
+    # all of its own without joining, and its commits show it caught up
     def groups_ready() -> dict[str, Any] | None:
         doc = get_json(port, "/groups")
         if doc is None or not doc["groups"]:
@@ -193,9 +206,9 @@ def test_totals_equal_verify_survive_kill_and_scrape(
         g = doc["groups"]
         ok = (
             g["inventory"]["member_count"] == 1
-            and len(g["inventory"]["members"][0]["partitions"]) == 12
+            and len(g["inventory"]["members"][0]["partitions"]) == partitions_of("inventory")
             and g["inventory"]["total_lag"] == 0
-            and len(g["analytics"]["partitions"]) == 15
+            and len(g["analytics"]["partitions"]) == partitions_of("analytics")
             and g["analytics"]["total_lag"] == 0
         )
         return doc if ok else None
@@ -220,3 +233,175 @@ def test_totals_equal_verify_survive_kill_and_scrape(
     assert again["dlq_recent"] == snap["dlq_recent"]
     assert restarted.stop() == 0, restarted.log_text()[-3000:]
     assert "analytics: stopped after" in restarted.log_text()
+
+
+# --- the order's life, produced by the test ---------------------------------------------
+# Payments and fulfilment are separate services; these tests write the saga's events
+# themselves (every branch of lifecycle.py, as the services emit them) to the test's own
+# topics, so what analytics must show is known exactly.
+
+SAGA_COPIES = 20  # x 13 orders, one down each branch (every_branch)
+
+
+def produce_saga(settings: Settings, copies: int = SAGA_COPIES, malformed: int = 3) -> None:
+    """``copies`` x every branch of an order's life, plus ``malformed`` bad orders and
+    their DLQ entries, as the inventory dead-letters them; the events sit 5 s back."""
+    feed = Feed()
+    t = time.time() - 5
+    lives = []
+    for n in range(copies):
+        lives += every_branch(feed, t, prefix=f"saga-{n:03d}-")
+    topics = {ORDERS: settings.topic(ORDERS), EVENTS: settings.topic(EVENTS)}
+    producer = make_producer(settings)
+    for life in lives:
+        # keyed by order_id, as every service writes them: one order's events stay in
+        # one partition, in order
+        for rec in life.records:
+            producer.produce(topics[rec.topic], rec.value, life.order_id.encode())
+    for _ in range(malformed):
+        bad = feed.malformed(t)
+        producer.produce(topics[ORDERS], bad.value, bad.key)
+        dl = dead_letter(
+            bad,
+            dlq_topic=settings.topic(DLQ),
+            service="inventory",
+            stage="decode",
+            error_class="DecodeError.json",
+            message="bad order: not valid JSON",
+        )
+        producer.produce(dl.topic, dl.value, dl.key, headers=dl.headers)
+    assert producer.flush(30) == 0
+
+
+def produce_dead_letters(settings: Settings, n: int) -> None:
+    """``n`` DLQ entries of unknown cancels (as the inventory dead-letters them)."""
+    producer = make_producer(settings)
+    for i in range(n):
+        command = schema.CancelOrder(order_id=f"nope-{i}", requested_at=time.time())
+        source = InRecord(
+            settings.topic(COMMANDS), 0, i, command.order_id.encode(), schema.encode(command), [], 0
+        )
+        dl = dead_letter(
+            source,
+            dlq_topic=settings.topic(DLQ),
+            service="inventory",
+            stage="handle",
+            error_class="CancelRejected",
+            message="unknown order",
+        )
+        producer.produce(dl.topic, dl.value, dl.key, headers=dl.headers)
+    assert producer.flush(30) == 0
+
+
+def expected_life(copies: int = SAGA_COPIES) -> dict[str, Any]:
+    """What /lifecycle's ``all`` must hold for ``copies`` x every_branch (see the unit
+    test of every branch for where each number comes from)."""
+    k = copies
+    return {
+        "funnel": {"PLACED": 13 * k, "RESERVED": 10 * k, "PAID": 4 * k, "SHIPPED": 2 * k},
+        "ends": {
+            "REJECTED": {
+                "total": 2 * k,
+                "causes": {"OUT_OF_STOCK": k, "UNKNOWN_SKU": k, "INVALID_ORDER": 0},
+            },
+            "PAYMENT_FAILED": {
+                "total": 2 * k,
+                "causes": {"card_declined": k, "insufficient_funds": k},
+            },
+            "EXPIRED": {"total": 2 * k, "causes": {}},
+            "CANCELLED": {"total": 3 * k, "causes": {"RESERVED": k, "PAID": 2 * k}},
+        },
+        "authorizations": 5 * k,
+        "declines": 2 * k,
+        "money": {
+            "authorized": {"USD": round(62.0 * k, 2)},
+            "captured": {"USD": round(41.0 * k, 2)},
+            "voided": {"USD": round(21.0 * k, 2)},
+            "refunded": {"USD": round(10.5 * k, 2)},
+            "net_captured": {"USD": round(30.5 * k, 2)},
+        },
+    }
+
+
+def life_matches(port: int, path: str, expected: dict[str, Any]) -> dict[str, Any] | None:
+    doc = get_json(port, path)
+    if doc is None:
+        return None
+    every = doc["lifecycle"]["all"]
+    return doc if all(every[k] == v for k, v in expected.items()) else None
+
+
+def test_lifecycle_of_a_saga_on_the_broker_survives_kill_and_scrapes(
+    settings: Settings, service_factory: Callable[..., ServiceProcess]
+) -> None:
+    port = free_port()
+    analytics = start_analytics(
+        service_factory, settings, port, "analytics", "--dlq-alert-ratio", "0.02"
+    )
+    produce_saga(settings)
+    expected = expected_life()
+    view = wait_for(lambda: life_matches(port, "/lifecycle", expected), 60, "the funnel")
+    life = view["lifecycle"]
+    every = life["all"]
+    k = SAGA_COPIES
+    assert every["conversion"] == {
+        "RESERVED": round(10 / 13, 4),
+        "PAID": round(4 / 10, 4),
+        "SHIPPED": round(2 / 4, 4),
+    }
+    assert every["decline_rate"] == round(2 / 7, 4) and every["expiry_rate"] == 0.2
+    # created -> shipped: half the shipped orders took 1.3 s, half 2.5 s
+    ship = every["time_to_ship_ms"]
+    assert ship["count"] == 2 * k
+    assert abs(ship["p50"] - 1300) <= 13 and abs(ship["max"] - 2500) <= 1
+    assert every["time_to_pay_ms"]["count"] == 4 * k
+    assert life["by_status"] == {
+        "PLACED": k,
+        "RESERVED": k,
+        "PAID": 0,
+        "SHIPPED": 2 * k,
+        "REJECTED": 2 * k,
+        "PAYMENT_FAILED": 2 * k,
+        "EXPIRED": 2 * k,
+        "CANCELLED": 3 * k,
+    }
+    assert life["stale_events"] == 0
+    # the snapshot carries the same, and the old totals keep counting alongside
+    snap = get_json(port, "/snapshot")
+    assert snap["lifecycle"]["all"] == every
+    assert snap["totals"]["reserved"] == 10 * k and snap["totals"]["cancelled"] == 3 * k
+    assert snap["totals"]["duplicate_outcomes"] == 0
+    # the alert threshold is the flag's: 3 dead letters of 263 orders records is 1.1 %
+    alert = snap["dlq_alert"]
+    assert alert["threshold"] == 0.02 and alert["window_s"] == 60
+
+    response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    samples = metric_samples(response.text)
+
+    def one(name: str, **labels: str) -> float:
+        values = [v for lab, v in samples[name] if all(lab.get(k) == x for k, x in labels.items())]
+        assert len(values) == 1, (name, labels, samples.get(name))
+        return values[0]
+
+    for status, n in expected["funnel"].items():
+        assert one("ordermesh_analytics_funnel_orders_total", status=status) == n
+    assert one("ordermesh_analytics_order_ends_total", status="CANCELLED", cause="PAID") == 2 * k
+    assert one("ordermesh_analytics_order_ends_total", status="EXPIRED", cause="") == 2 * k
+    for kind, amounts in expected["money"].items():
+        if kind != "net_captured":  # a difference, not a counter: not exported
+            total = one("ordermesh_analytics_money_total", kind=kind, currency="USD")
+            assert total == amounts["USD"]
+    assert one("ordermesh_analytics_orders_by_status", status="SHIPPED") == 2 * k
+
+    # kill -9 and restart: the order's life is rebuilt from the topics, identical
+    analytics.signal(signal.SIGKILL)
+    analytics.wait(30)
+    port2 = free_port()
+    restarted = start_analytics(service_factory, settings, port2, "analytics-2")
+    again = wait_for(lambda: life_matches(port2, "/lifecycle", expected), 60, "the restart")
+    assert again["lifecycle"]["all"] == every
+    assert again["lifecycle"]["by_status"] == life["by_status"]
+    assert again["dlq_alert"]["threshold"] == 0.05  # the default, without the flag
+    assert restarted.stop() == 0, restarted.log_text()[-3000:]
+    log = restarted.log_text()
+    assert f"placed {13 * k} reserved {10 * k} paid {4 * k} shipped {2 * k}" in log

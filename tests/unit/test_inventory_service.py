@@ -45,6 +45,9 @@ ERROR_FIELDS = ("topic", "partition", "offset", "timestamp", "service", "stage",
 _offsets = itertools.count()
 
 
+TTL = 900.0
+
+
 def service_for(store: Store, now: float = 1000.0) -> InventoryService:
     return InventoryService(
         store,
@@ -53,6 +56,7 @@ def service_for(store: Store, now: float = 1000.0) -> InventoryService:
         events_topic=EVENTS,
         dlq_topic=DLQ,
         clock=lambda: now,
+        reservation_ttl_s=TTL,
     )
 
 
@@ -147,6 +151,8 @@ def test_reserve_takes_every_item_and_aggregates_repeated_skus(
         currency="EUR",
         order_created_at=500.0,
         at=1000.0,
+        expires_at=1000.0 + TTL,
+        customer_id="c-1",
     )
     assert stock_of(store) == {"A": (6, 4), "B": (3, 2), "C": (1, 0)}
     assert store.order_outcomes()["o1"] == ("RESERVED", (("A", 4), ("B", 2)))
@@ -331,8 +337,8 @@ def test_reused_order_id_with_another_body_is_dead_lettered(
     assert fresh.stats.dlq == 1 and fresh.stats.duplicates == 0
 
 
-def test_restock_command_on_kafka_is_not_a_command(store: Store, service: InventoryService) -> None:
-    # stock enters only through the operator CLI; a restock on order-commands is refused
+def test_restock_command_without_an_id_is_refused(store: Store, service: InventoryService) -> None:
+    # a restock on order-commands is applied once per restock id: one without is refused
     raw = msgspec.json.encode({"type": "Restock", "sku": "A", "quantity": 2**62})
     record = rec(COMMANDS, raw, b"A")
     (out,) = service.handle([record])
@@ -360,8 +366,10 @@ def test_cancel_releases_exactly_once(store: Store, service: InventoryService) -
     out = service.handle([cancel("o1", "customer asked")])
 
     released, cancelled = events(out)
-    assert released == StockReleased("o1", (ItemQty("A", 3), ItemQty("B", 5)), at=1000.0)
-    assert cancelled == OrderCancelled("o1", at=1000.0, detail="customer asked")
+    assert released == StockReleased(
+        "o1", (ItemQty("A", 3), ItemQty("B", 5)), at=1000.0, cause="CANCELLED"
+    )
+    assert cancelled == OrderCancelled("o1", at=1000.0, detail="customer asked", stage="RESERVED")
     assert [r.key for r in out] == [b"o1", b"o1"]
     assert stock_of(store) == {"A": (10, 0), "B": (5, 0), "C": (1, 0)}
     assert store.order_outcomes()["o1"].status == "CANCELLED"
@@ -764,22 +772,21 @@ def test_decisions_said_to_hold_on_the_locked_rows_are_the_ones_taken_on_them(
             command = CancelOrder(order_id=f"o{item[1]}", requested_at=900.0, reason="")
             work.append((cancel(f"o{item[1]}"), command, b""))
     try:
-        planned = service._run(work, known, seen, 1000.0)
+        planned = service._run(work, known, {}, seen, set(), 1000.0)
     except StoreError:  # a cancel of an order whose sku the seen stock lacks
         return
     holds = _still_holds(planned, seen, locked)
     event(f"holds={holds} moved={locked != seen} rejected={bool(planned.stats.rejected)}")
     if not holds:
         return
-    again = service._run(work, known, locked, 1000.0)
+    again = service._run(work, known, {}, locked, set(), 1000.0)
     assert again.out == planned.out
     assert again.decided() == planned.decided()
     assert again.cancellations == planned.cancellations
     for sku in planned.changed | again.changed:
         moved_by = [a - b for a, b in zip(locked[sku][1:], seen[sku][1:], strict=True)]
         assert again.stock[sku] == [
-            planned.stock[sku][0] + moved_by[0],
-            planned.stock[sku][1] + moved_by[1],
+            figure + by for figure, by in zip(planned.stock[sku], moved_by, strict=True)
         ]
 
 

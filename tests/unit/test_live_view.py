@@ -7,7 +7,16 @@ from rich.console import Console
 
 from ordermesh.cli.mesh import _Rates, render
 from ordermesh.records import dead_letter
-from tests.unit.test_analytics import DLQ, ORDERS, T0, make, rejected, reserved
+from tests.unit.test_analytics import (
+    DLQ,
+    ORDERS,
+    T0,
+    every_branch,
+    make,
+    records_of,
+    rejected,
+    reserved,
+)
 
 
 def test_render_shows_outcomes_dlq_latency_lag_and_services() -> None:
@@ -49,3 +58,29 @@ def test_render_shows_outcomes_dlq_latency_lag_and_services() -> None:
     assert "latency p50 / p99 (10s)" in text and " ms" in text
     assert "inventory" in text and "7" in text
     assert "inventory-1" in text and "42" in text
+
+
+def test_render_shows_the_funnel_and_its_failure_ends_in_one_line() -> None:
+    an, clock, feed = make()
+    lives = every_branch(feed, T0 - 5)
+    an.handle(records_of(lives))
+    clock.now += 1
+    status = {
+        "at": T0,
+        "topics": {"orders": 13, "order-events": 50, "orders-dlq": 0, "order-commands": 0},
+        "lag": {},
+        "analytics": msgspec.json.decode(msgspec.json.encode(an.snapshot())),
+        "services": {},
+    }
+    console = Console(width=160, record=True)
+    console.print(render(status, {}, "header"))
+    lines = [line for line in console.export_text().splitlines() if "funnel" in line]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "placed 13 / reserved 10 / paid 4 / shipped 2" in line
+    assert "rejected 2 · payment failed 2 · expired 2 · cancelled 3" in line
+    # an analytics without the lifecycle (older, or not up yet): no funnel line, no error
+    old = {**status, "analytics": {"totals": {"reserved": 1}}}
+    console = Console(width=160, record=True)
+    console.print(render(old, {}, "header"))
+    assert "funnel" not in console.export_text()

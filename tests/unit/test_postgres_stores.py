@@ -111,7 +111,10 @@ def test_stores_refuse_an_unmigrated_database_until_migrate(postgres_database: s
     applied = migrate(settings)
     assert applied == [
         "inventory: schema version 1: stock, stock movements, orders and cancellations",
+        "inventory: schema version 2: the whole life of an order: paid/shipped stock, deadlines,"
+        " steps, reorders",
         "tracker: schema version 1: orders, history and pending events",
+        "tracker: schema version 2: the whole life: payment, shipment, deadlines, transitions",
         "api: schema version 1: idempotency keys scoped per client",
     ]
     assert migrate(settings) == []  # up to date: nothing to do
@@ -125,7 +128,7 @@ def test_stores_refuse_an_unmigrated_database_until_migrate(postgres_database: s
 def test_a_newer_schema_is_refused(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("INSERT INTO inventory.schema_version (version, summary) VALUES (9, 'x')")
-    with pytest.raises(StoreError, match=r"schema version 9 is newer than this OrderMesh \(1\)"):
+    with pytest.raises(StoreError, match=r"schema version 9 is newer than this OrderMesh \(2\)"):
         PostgresInventoryStore(url)
     with pytest.raises(StoreError, match="schema version 9 is newer"):
         migrate(Settings(database_url=url))
@@ -137,7 +140,13 @@ def test_concurrent_migrations_apply_each_step_once(postgres_database: str) -> N
     run_threads(*[lambda: results.append(migrate(settings))] * 3)
     # each store's steps ran once, by whichever migrator got there first
     lines = sorted(line for applied in results for line in applied)
-    assert [line.split(":")[0] for line in lines] == ["api", "inventory", "tracker"]
+    assert [line.split(":")[0] for line in lines] == [
+        "api",
+        "inventory",
+        "inventory",
+        "tracker",
+        "tracker",
+    ]
 
 
 def test_an_unreachable_server_is_a_store_error_without_the_password() -> None:
@@ -218,7 +227,7 @@ def test_the_same_order_decided_by_two_instances_at_once_is_recorded_once(url: s
             "OrderReserved",
             "OrderRejected",
         ]
-        assert stores[0].stock("A")[0][1:] == (0, 1)  # one unit, reserved once
+        assert stores[0].stock("A")[0][1:3] == (0, 1)  # one unit, reserved once
     finally:
         for s in stores:
             s.close()
@@ -242,7 +251,7 @@ def test_a_lost_batch_is_decided_again_from_scratch(
         out = service.handle([placed(order("o1", ("A", 2)))])
         assert [type(schema.decode_event(r.value)).__name__ for r in out] == ["OrderReserved"]
         assert service.stats.conflicts == 1 and service.stats.reserved == 1
-        assert store.stock("A")[0][1:] == (3, 2)  # the rolled-back attempt left nothing
+        assert store.stock("A")[0][1:3] == (3, 2)  # the rolled-back attempt left nothing
 
 
 def test_a_deadlock_is_a_conflict_error(url: str) -> None:

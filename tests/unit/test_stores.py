@@ -22,6 +22,7 @@ from ordermesh.stores.factory import (
     open_order_queries,
     open_tracker_store,
 )
+from ordermesh.stores.inventory import StatusMove, StockRow
 from ordermesh.stores.sqlite import (
     CHECKPOINT_EVERY_S,
     Migration,
@@ -86,7 +87,7 @@ def test_a_new_database_gets_the_latest_version(tmp_path: Path) -> None:
     assert version_of(tmp_path / "i.db") == LATEST["inventory"]
     assert version_of(tmp_path / "t.db") == LATEST["tracker"]
     assert version_of(tmp_path / "a.db") == LATEST["api"]
-    assert columns_of(tmp_path / "i.db", "orders")[-1] == "body_hash"
+    assert columns_of(tmp_path / "i.db", "orders")[-2:] == ["body_hash", "expires_at"]
     assert "client" in columns_of(tmp_path / "a.db", "idempotency_keys")
 
 
@@ -103,11 +104,44 @@ def test_an_older_inventory_database_is_upgraded_and_keeps_its_rows(tmp_path: Pa
     assert version_of(path) == 1
 
     with SqliteInventoryStore(path) as store:
-        assert [tuple(row) for row in store.stock()] == [("A", 5, 0)]
+        assert [tuple(row) for row in store.stock()] == [("A", 5, 0, 0, 0)]
     assert version_of(path) == LATEST["inventory"]
     assert columns_of(path, "orders").count("body_hash") == 1
     with SqliteInventoryStore(path, readonly=True) as reader:
         assert reader.stock("A")[0].available == 5
+
+
+def test_a_version_2_inventory_database_gets_the_lifecycle_and_keeps_its_orders(
+    tmp_path: Path,
+) -> None:
+    """Step 3 rebuilds ``orders`` (SQLite cannot widen a CHECK in place): every row and
+    cancellation survives, and the old reservations keep holding for ever."""
+    path = tmp_path / "inventory.db"
+    at_version(path, sqlite_inventory.MIGRATIONS, 2)
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO stock VALUES ('A', 3, 2)")
+        conn.execute(
+            "INSERT INTO stock_movements (sku, kind, quantity, at) VALUES ('A', 'seed', 5, 1)"
+        )
+        for order_id, status in (("held", "RESERVED"), ("gone", "CANCELLED")):
+            conn.execute(
+                "INSERT INTO orders VALUES (?, ?, NULL, '[[\"A\",1]]', X'7B7D', 1.0, NULL, X'01')",
+                (order_id, status),
+            )
+        conn.execute("INSERT INTO cancellations VALUES ('gone', X'01', X'02', 2.0, NULL)")
+
+    with SqliteInventoryStore(path) as store:
+        assert store.stock() == [StockRow("A", 3, 2, 0, 0)]
+        known = store.load_orders(["held", "gone"])
+        assert known["held"].status == "RESERVED" and known["held"].expires_at is None
+        assert known["gone"].cancel_outcome == (b"\x01", b"\x02")
+        assert store.expired_reservations(now=1e12, limit=10) == []  # no deadline: never
+        levels = store.stock_levels("A")
+        assert levels[0][1:] == (5, 0, 3, 2, 0, 0) and levels[0].conserved
+        with store.transaction():  # the new statuses are allowed now
+            store.move_orders([StatusMove("held", "RESERVED", "PAID")])
+    assert version_of(path) == LATEST["inventory"] == 3
+    assert "committed" in columns_of(path, "stock") and "shipped" in columns_of(path, "stock")
 
 
 @pytest.mark.parametrize(
@@ -126,7 +160,8 @@ def test_a_newer_database_is_refused(tmp_path: Path, opener: object) -> None:
         conn.execute("CREATE TABLE from_the_future (x)")
         conn.execute("PRAGMA user_version = 99")
     assert callable(opener)
-    with pytest.raises(StoreError, match=r"schema version 99 is newer than this OrderMesh \(2\)"):
+    # the number is each store's own latest version
+    with pytest.raises(StoreError, match=r"schema version 99 is newer than this OrderMesh \(\d+\)"):
         opener(path)
     assert version_of(path) == 99  # untouched
 

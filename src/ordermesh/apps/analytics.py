@@ -12,7 +12,9 @@ One process, two threads:
   two requests a second), and sync endpoints run in Starlette's thread pool.
 
 ``Analytics`` is not thread-safe: the handler and every reader (``/snapshot``,
-``/metrics``) take one lock, held for a batch or for one snapshot (milliseconds).
+``/lifecycle``, ``/metrics``) take one lock, held for a batch or for one snapshot
+(milliseconds). The handler logs a one-line summary of the funnel every
+``SUMMARY_EVERY_S``, never a line per record.
 
 Offsets: totals are rebuilt from the durable topics on every start, never from committed
 offsets. The process reads *every* partition of ``orders``, ``order-events`` and
@@ -34,6 +36,29 @@ is behind visible in ``/groups``; it is never read back.
 
 Consumer groups (``/groups``): every consumer group of ``topology``, described by
 ``kafka.groups.GroupsMonitor`` in a thread of its own; requests read the cached result.
+
+Endpoints (JSON is ``services.analytics``' Structs, keys in field order):
+
+- ``/snapshot``: ``generated_at``, ``window_end``, ``windows`` ("1s", "10s", "60s":
+  placed, decided, reserved, rejected by reason, cancelled, dlq, revenue, latency),
+  ``totals``, ``top_skus``, ``series`` (300 s per second), ``dlq_recent``, then
+  ``lifecycle`` and ``dlq_alert`` (below);
+- ``/lifecycle``: ``generated_at``, ``window_end``, ``lifecycle`` and ``dlq_alert``
+  alone. ``lifecycle.windows`` ("1s", "10s", "60s") and ``lifecycle.all`` (since the
+  topics' beginning, ``seconds`` null) each hold ``funnel`` (PLACED, RESERVED, PAID,
+  SHIPPED: orders that reached the step), ``conversion`` (each step's share of the one
+  before, null over 0), ``ends`` (REJECTED, PAYMENT_FAILED, EXPIRED, CANCELLED: ``total``
+  and ``causes`` by reject reason, decline reason, none, and cancelled-from stage),
+  ``authorizations``, ``declines``, ``decline_rate``, ``expiry_rate`` (shares, 0..1),
+  ``time_to_pay_ms`` and ``time_to_ship_ms`` (count, p50, p90, p99, max from the order's
+  creation), ``money`` (authorized, captured, voided, refunded, net_captured: currency ->
+  amount, summed in cents); ``lifecycle.by_status`` counts the orders in each status now,
+  ``lifecycle.stale_events`` the status events that did not apply to their order.
+  ``dlq_alert``: ``window_s`` (60), ``threshold`` (``--dlq-alert-ratio``,
+  ``ORDERMESH_ANALYTICS_DLQ_ALERT_RATIO``), ``dlq``, ``orders_records``, ``ratio`` (dlq
+  over orders records, null over 0) and ``firing``;
+- ``/groups``, ``/metrics`` (Prometheus: the runner's and ``ordermesh_analytics_*``,
+  the funnel, ends, money and ``ordermesh_analytics_dlq_alert`` included), ``/healthz``.
 """
 
 from __future__ import annotations
@@ -41,6 +66,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -61,7 +87,7 @@ from ordermesh.errors import ConfigError
 from ordermesh.kafka.groups import GroupsMonitor
 from ordermesh.kafka.runner import BatchRunner, RunnerStats
 from ordermesh.records import InRecord, OutRecord
-from ordermesh.services.analytics import Analytics, Snapshot
+from ordermesh.services.analytics import MONEY_KINDS, Analytics, LifecycleView, Snapshot
 from ordermesh.topics import DLQ, EVENTS, ORDERS
 from ordermesh.topology import SERVICES, ServiceSpec, group_topics, service
 
@@ -71,6 +97,8 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8090
 SPEC: Final[ServiceSpec] = service("analytics")
 _JSON_HEADERS: Final = {"cache-control": "no-store"}
+# how often the handler logs the funnel (a summary: a line per event would be thousands)
+SUMMARY_EVERY_S: Final = 60.0
 
 
 class AnalyticsState:
@@ -81,16 +109,27 @@ class AnalyticsState:
             orders_topic=settings.topic(ORDERS),
             events_topic=settings.topic(EVENTS),
             dlq_topic=settings.topic(DLQ),
+            dlq_alert_ratio=settings.analytics_dlq_alert_ratio,
         )
         self.lock = threading.Lock()
+        self._next_summary = time.monotonic() + SUMMARY_EVERY_S
 
     def handle(self, batch: list[InRecord]) -> list[OutRecord]:
         with self.lock:
-            return self.analytics.handle(batch)
+            out = self.analytics.handle(batch)
+            now = time.monotonic()
+            if now >= self._next_summary:
+                self._next_summary = now + SUMMARY_EVERY_S
+                log.info("analytics: %s", self.analytics.summary())
+            return out
 
     def snapshot(self) -> Snapshot:
         with self.lock:
             return self.analytics.snapshot()
+
+    def lifecycle(self) -> LifecycleView:
+        with self.lock:
+            return self.analytics.lifecycle()
 
     def positions(self) -> dict[tuple[str, int], int]:
         with self.lock:
@@ -160,6 +199,57 @@ class AnalyticsCollector(Collector):
         in_flight.add_metric([], t["in_flight"])
         yield in_flight
         yield from self._windows(snap["windows"])
+        yield from self._lifecycle(snap["lifecycle"], snap["dlq_alert"])
+
+    def _lifecycle(self, life: dict[str, Any], alert: dict[str, Any]) -> Iterator[Metric]:
+        every = life["all"]
+        funnel = CounterMetricFamily(
+            "ordermesh_analytics_funnel_orders",
+            "Orders that reached each step of the funnel.",
+            labels=["status"],
+        )
+        for status, n in every["funnel"].items():
+            funnel.add_metric([status], n)
+        ends = CounterMetricFamily(
+            "ordermesh_analytics_order_ends",
+            "Orders that ended off the funnel, by status and cause.",
+            labels=["status", "cause"],
+        )
+        for status, end in every["ends"].items():
+            for cause, n in end["causes"].items():
+                ends.add_metric([status, cause], n)
+            if not end["causes"]:
+                ends.add_metric([status, ""], end["total"])
+        by_status = GaugeMetricFamily(
+            "ordermesh_analytics_orders_by_status", "Orders now in each status.", labels=["status"]
+        )
+        for status, n in life["by_status"].items():
+            by_status.add_metric([status], n)
+        money = CounterMetricFamily(
+            "ordermesh_analytics_money",
+            "Payment facts summed, by kind and currency.",
+            labels=["kind", "currency"],
+        )
+        for kind in MONEY_KINDS:
+            for currency, amount in every["money"][kind].items():
+                money.add_metric([kind, currency], amount)
+        durations = GaugeMetricFamily(
+            "ordermesh_analytics_order_time_seconds",
+            "Order created -> paid / shipped, quantiles over a window.",
+            labels=["step", "window", "quantile"],
+        )
+        for label, w in life["windows"].items():
+            for step in ("pay", "ship"):
+                lat = w[f"time_to_{step}_ms"]
+                for q, key in (("0.5", "p50"), ("0.99", "p99")):
+                    if lat[key] is not None:
+                        durations.add_metric([step, label, q], lat[key] / 1000.0)
+        firing = GaugeMetricFamily(
+            "ordermesh_analytics_dlq_alert",
+            "1 while the last 60 s's dead letters exceed their share of orders records.",
+        )
+        firing.add_metric([], 1 if alert["firing"] else 0)
+        yield from (funnel, ends, by_status, money, durations, firing)
 
     def _windows(self, windows: dict[str, Any]) -> Iterator[Metric]:
         rate = GaugeMetricFamily(
@@ -212,7 +302,8 @@ def _dashboard_index() -> str:
 def create_app(
     state: AnalyticsState, groups: GroupsMonitor | None, registry: CollectorRegistry
 ) -> Starlette:
-    """``/`` dashboard, ``/snapshot``, ``/groups``, ``/metrics``, ``/static/*``."""
+    """``/`` dashboard, ``/snapshot``, ``/lifecycle``, ``/groups``, ``/metrics``,
+    ``/static/*``."""
     index_html = _dashboard_index()
 
     def index(_request: Request) -> Response:
@@ -220,6 +311,9 @@ def create_app(
 
     def snapshot(_request: Request) -> Response:
         return _json(state.snapshot())
+
+    def lifecycle(_request: Request) -> Response:
+        return _json(state.lifecycle())
 
     def groups_view(_request: Request) -> Response:
         empty: dict[str, Any] = {"generated_at": None, "groups": {}, "error": "not monitored"}
@@ -235,6 +329,7 @@ def create_app(
         routes=[
             Route("/", index),
             Route("/snapshot", snapshot),
+            Route("/lifecycle", lifecycle),
             Route("/groups", groups_view),
             Route("/metrics", metrics),
             Route("/healthz", healthz),
@@ -312,3 +407,4 @@ def run_analytics(
                 sum(totals.rejected.values()),
                 sum(totals.dlq.values()),
             )
+            log.info("analytics: %s", state.analytics.summary())

@@ -57,11 +57,16 @@ from ordermesh.loadgen import run_load, sku_name
 from ordermesh.services.inventory import InventoryService
 from ordermesh.stores.factory import migrate, open_inventory_store
 from ordermesh.stores.inventory import (
+    AppliedRestock,
     InventoryStore,
     KnownOrder,
     NewCancellation,
     NewOrder,
     OrderOutcome,
+    OrderStep,
+    Reorder,
+    StatusMove,
+    StockLevels,
     StockRow,
 )
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS, SPECS
@@ -335,6 +340,39 @@ class _TimedStore:
 
     def insert_cancellations(self, cancellations: Iterable[NewCancellation]) -> None:
         self._store.insert_cancellations(cancellations)
+
+    def load_steps(self, order_ids: Collection[str]) -> dict[str, tuple[OrderStep, ...]]:
+        return self._store.load_steps(order_ids)
+
+    def insert_steps(self, steps: Iterable[OrderStep]) -> None:
+        self._store.insert_steps(steps)
+
+    def move_orders(self, moves: Iterable[StatusMove]) -> None:
+        self._store.move_orders(moves)
+
+    def applied_restocks(self, restock_ids: Collection[str]) -> set[str]:
+        return self._store.applied_restocks(restock_ids)
+
+    def apply_restocks(self, restocks: Iterable[AppliedRestock]) -> None:
+        self._store.apply_restocks(restocks)
+
+    def open_reorders(self, skus: Collection[str]) -> set[str]:
+        return self._store.open_reorders(skus)
+
+    def insert_reorders(self, reorders: Iterable[Reorder]) -> int:
+        return self._store.insert_reorders(reorders)
+
+    def stock_levels(self, sku: str | None = None) -> list[StockLevels]:
+        return self._store.stock_levels(sku)
+
+    def stock_totals(self) -> StockLevels:
+        return self._store.stock_totals()
+
+    def expired_reservations(self, now: float, limit: int) -> list[tuple[str, float]]:
+        return self._store.expired_reservations(now, limit)
+
+    def due_reorders(self, now: float, limit: int) -> list[Reorder]:
+        return self._store.due_reorders(now, limit)
 
     def seed(self, skus: Mapping[str, int]) -> int:
         return self._store.seed(skus)

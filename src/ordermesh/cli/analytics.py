@@ -30,18 +30,32 @@ def analytics_run(
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many idle seconds.")
     ] = None,
+    dlq_alert_ratio: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Alert when the last 60 s's dead letters exceed this share of its orders"
+            " records (0: on any dead letter). Default 0.05.",
+            envvar="ORDERMESH_ANALYTICS_DLQ_ALERT_RATIO",
+            show_envvar=True,
+        ),
+    ] = None,
     data_dir: DataDir = None,
     bootstrap_server: BootstrapServer = None,
     command_config: CommandConfig = None,
 ) -> None:
     """Consume orders, events and the DLQ from the beginning; serve the dashboard.
 
-    GET / (dashboard), /snapshot (JSON), /groups (consumer groups and lag), /metrics.
+    GET / (dashboard), /snapshot (JSON), /lifecycle (the order's funnel, its ends, times
+    and money, and the DLQ alert), /groups (consumer groups and lag), /metrics.
     """
     from ordermesh.apps.analytics import run_analytics
 
     settings = make_settings(
-        data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+        data_dir=data_dir,
+        bootstrap_servers=bootstrap_server,
+        command_config=command_config,
+        analytics_dlq_alert_ratio=dlq_alert_ratio,
     )
     try:
         stats = run_analytics(settings, host=host, port=port, idle_exit_s=idle_exit)

@@ -27,7 +27,13 @@ from ordermesh.cli.common import (
 )
 from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
-from ordermesh.loadgen import DEFAULT_SKUS, DEFAULT_STOCK, sku_name
+from ordermesh.loadgen import (
+    DEFAULT_CANCEL_RATIO,
+    DEFAULT_DECLINE_RATIO,
+    DEFAULT_SKUS,
+    DEFAULT_STOCK,
+    sku_name,
+)
 
 if TYPE_CHECKING:
     from ordermesh.stores.inventory import InventoryStore
@@ -132,10 +138,11 @@ def inventory_stock(
     limit: Annotated[int, typer.Option(min=1, help="Rows of the table at most.")] = 50,
     as_json: AsJson = False,
 ) -> None:
-    """Available and reserved stock, of one SKU or of all."""
+    """Where the units of one SKU or of all are: available, reserved (RESERVED orders),
+    committed (PAID orders), shipped, and what entered them (seeded, restocked)."""
     store = _inventory_store(make_settings(inventory_db=db, data_dir=data_dir))
     try:
-        rows = store.stock(sku)
+        rows = store.stock_levels(sku)
     finally:
         store.close()
     if sku is not None and not rows:
@@ -144,14 +151,21 @@ def inventory_stock(
     if as_json:
         print(json.dumps([row._asdict() for row in rows]))
         return
+    columns = ("available", "reserved", "committed", "shipped", "entered", "restocked")
     table = Table()
-    for col in ("sku", "available", "reserved"):
-        table.add_column(col)
+    table.add_column("sku")
+    for col in columns:
+        table.add_column(col, justify="right")
     for row in rows[:limit]:
-        table.add_row(escape(row.sku), str(row.available), str(row.reserved))
+        table.add_row(escape(row.sku), *(str(getattr(row, col)) for col in columns))
     console.print(table)
     if len(rows) > limit:
         console.print(f"... {len(rows) - limit} more (use --limit)")
+    unbalanced = [row.sku for row in rows if not row.conserved]
+    if unbalanced:
+        # entered + restocked must equal the four places units are: a bug if not
+        err_console.print(f"stock not conserved: {escape(', '.join(unbalanced[:10]))}")
+        raise typer.Exit(code=EXIT_ERROR)
 
 
 # --- load and verify -------------------------------------------------------------------
@@ -176,6 +190,19 @@ def load(
     skus: Annotated[
         int, typer.Option(min=1, help="Orders draw from SKU-00001..SKU-N.")
     ] = DEFAULT_SKUS,
+    decline_ratio: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of orders paid with a declining test card."),
+    ] = DEFAULT_DECLINE_RATIO,
+    cancel_ratio: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of orders their customer cancels within a few seconds (before"
+            " payment, after it, or too late: after shipment).",
+        ),
+    ] = DEFAULT_CANCEL_RATIO,
     as_json: AsJson = False,
     data_dir: DataDir = None,
     bootstrap_server: BootstrapServer = None,
@@ -226,6 +253,8 @@ def load(
                 skus=skus,
                 progress=lambda n: progress.update(task, completed=n),
                 stop=stop,
+                decline_ratio=decline_ratio,
+                cancel_ratio=cancel_ratio,
             )
         except OrderMeshError as exc:
             raise fail(exc) from None

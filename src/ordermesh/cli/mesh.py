@@ -113,9 +113,31 @@ def render(
     bottom_row = Table.grid(padding=(0, 4))
     bottom_row.add_row(lag, services)
     parts: list[Any] = [top_row, "", bottom_row]
+    funnel = _funnel_line(snap)
+    if funnel is not None:
+        parts[1:1] = ["", funnel]
     if note:
         parts.append(Text(note, style="yellow"))
     return Group(Panel(Group(*parts), title=header, border_style="cyan"))
+
+
+def _funnel_line(snap: dict[str, Any]) -> Text | None:
+    """The order's life in one line: the funnel's steps, then its failure ends (the
+    statuses come from analytics, which derives them from lifecycle.py)."""
+    life = (snap.get("lifecycle") or {}).get("all")
+    if not life:
+        return None
+    line = Text("funnel  ", style="bold")
+    for i, (status, n) in enumerate(life["funnel"].items()):
+        line.append(" / " if i else "")
+        line.append(f"{status.lower()} ")
+        line.append(f"{n:,}", style="green")
+    line.append("   ends  ", style="bold")
+    for i, (status, end) in enumerate(life["ends"].items()):
+        line.append(" · " if i else "")
+        line.append(f"{status.lower().replace('_', ' ')} ")
+        line.append(f"{end['total']:,}", style="yellow" if end["total"] else "")
+    return line
 
 
 class LiveView:

@@ -36,6 +36,7 @@
   const fixed = (digits) =>
     new Intl.NumberFormat("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
   const rateFmt = fixed(1);
+  const pctFmt = fixed(1);
   const moneyFmt = fixed(2);
   const ms1 = fixed(1);
   const ms2 = fixed(2);
@@ -46,6 +47,7 @@
       case "int": return intFmt.format(value);
       case "rate": return rateFmt.format(value);
       case "money": return moneyFmt.format(value);
+      case "pct": return pctFmt.format(value * 100); // a share (0..1) shown in percent
       case "ms": return Math.abs(value) < 10 ? ms2.format(value) : ms1.format(value);
       case "time": return new Date(value * 1000).toLocaleTimeString("en-GB");
       default: return String(value);
@@ -194,13 +196,177 @@
       tr.append(msg);
       body.append(tr);
     });
+    // the alert is the server's verdict (dead letters over a share of the orders records),
+    // not "any dead letter": a load with malformed orders by design is not an incident
     const alert = document.getElementById("alert");
     const recent = snap.windows["60s"];
-    alert.hidden = recent.dlq === 0;
+    alert.hidden = !snap.dlq_alert.firing;
     const list = document.getElementById("alert-reasons");
     list.textContent = Object.entries(recent.dlq_by_reason)
       .map(([r, n]) => `${r} × ${n}`)
       .join(" · ");
+  }
+
+  // --- the order's life (snapshot.lifecycle) ---------------------------------------------
+
+  const label = (status) => status.toLowerCase().replaceAll("_", " ");
+
+  function renderFunnel(snap) {
+    const life = snap.lifecycle;
+    const body = document.getElementById("funnel-body");
+    body.replaceChildren();
+    const steps = Object.keys(life.all.funnel);
+    const top = life.all.funnel[steps[0]] || 1;
+    steps.forEach((step, i) => {
+      const tr = h("tr");
+      tr.dataset.step = step;
+      tr.append(td(label(step), "step"));
+      const track = h("div", "bar-track");
+      const fill = h("div", `bar-fill step-${i}`);
+      fill.style.width = `${Math.max(1, (100 * life.all.funnel[step]) / top)}%`;
+      track.append(fill);
+      tr.append(td(track, "bar"));
+      tr.append(td(metric(`lifecycle.all.funnel.${step}`, "int")));
+      tr.append(td(i === 0 ? "" : pct(`lifecycle.all.conversion.${step}`)));
+      tr.append(td(metric(`lifecycle.windows.60s.funnel.${step}`, "int")));
+      tr.append(td(i === 0 ? "" : pct(`lifecycle.windows.60s.conversion.${step}`)));
+      body.append(tr);
+    });
+    const chips = document.getElementById("by-status");
+    chips.replaceChildren();
+    for (const status of Object.keys(life.by_status)) {
+      const chip = h("span", "chip status");
+      chip.append(h("span", "", label(status)), metric(`lifecycle.by_status.${status}`, "int", "n"));
+      chips.append(chip);
+    }
+  }
+
+  function pct(path) {
+    const box = h("span");
+    box.append(metric(path, "pct"), h("span", "muted", "%"));
+    return box;
+  }
+
+  const NO_CAUSES = { EXPIRED: "the reservation's deadline passed unpaid" };
+
+  function renderDropoff(snap) {
+    const life = snap.lifecycle;
+    const body = document.getElementById("dropoff-body");
+    body.replaceChildren();
+    for (const [status, end] of Object.entries(life.all.ends)) {
+      const head = h("tr", "end");
+      head.dataset.end = status;
+      head.append(td(label(status), "end-name"));
+      head.append(td(metric(`lifecycle.all.ends.${status}.total`, "int", "warn")));
+      head.append(td(metric(`lifecycle.windows.60s.ends.${status}.total`, "int")));
+      body.append(head);
+      const causes = Object.keys(end.causes);
+      if (causes.length === 0) {
+        const tr = h("tr", "cause");
+        tr.append(td(h("span", "muted", NO_CAUSES[status] || "no cause recorded")), td(""), td(""));
+        body.append(tr);
+      }
+      for (const cause of causes) {
+        const tr = h("tr", "cause");
+        tr.append(td(h("span", "mono", cause)));
+        tr.append(td(metric(`lifecycle.all.ends.${status}.causes.${cause}`, "int")));
+        tr.append(td(metric(`lifecycle.windows.60s.ends.${status}.causes.${cause}`, "int")));
+        body.append(tr);
+      }
+    }
+  }
+
+  const LIFE_ROWS = [
+    ["reserved", "funnel.RESERVED", "int"],
+    ["paid", "funnel.PAID", "int"],
+    ["shipped", "funnel.SHIPPED", "int"],
+    ["payment failed", "ends.PAYMENT_FAILED.total", "int"],
+    ["expired", "ends.EXPIRED.total", "int"],
+    ["cancelled", "ends.CANCELLED.total", "int"],
+    ["decline rate (%)", "decline_rate", "pct"],
+    ["expiry rate (%)", "expiry_rate", "pct"],
+    ["time to pay p50 (ms)", "time_to_pay_ms.p50", "ms"],
+    ["time to pay p99 (ms)", "time_to_pay_ms.p99", "ms"],
+    ["time to ship p50 (ms)", "time_to_ship_ms.p50", "ms"],
+    ["time to ship p99 (ms)", "time_to_ship_ms.p99", "ms"],
+  ];
+
+  function renderLifeWindows(snap) {
+    const body = document.getElementById("life-body");
+    if (body.childElementCount > 0) return; // static structure, values set by updateMetrics
+    const columns = Object.keys(snap.lifecycle.windows).map((w) => `lifecycle.windows.${w}`);
+    columns.push("lifecycle.all");
+    for (const [name, key, kind] of LIFE_ROWS) {
+      const tr = h("tr");
+      tr.append(td(name));
+      for (const col of columns) tr.append(td(metric(`${col}.${key}`, kind)));
+      body.append(tr);
+    }
+  }
+
+  // the currency shown: USD when there is any, else the one with the most authorized
+  function mainCurrency(money) {
+    const all = new Set();
+    for (const kind of Object.keys(money)) for (const cur of Object.keys(money[kind])) all.add(cur);
+    if (all.size === 0) return [null, []];
+    const byAmount = [...all].sort((a, b) => (money.authorized[b] || 0) - (money.authorized[a] || 0));
+    const main = all.has("USD") ? "USD" : byAmount[0];
+    return [main, byAmount.filter((c) => c !== main)];
+  }
+
+  const MONEY_ROWS = [
+    ["authorized", "authorized"],
+    ["captured", "captured"],
+    ["voided", "voided"],
+    ["refunded", "refunded"],
+    ["net captured", "net_captured"],
+  ];
+
+  function renderMoney(snap) {
+    const money = snap.lifecycle.all.money;
+    const [main, others] = mainCurrency(money);
+    const body = document.getElementById("money-body");
+    const note = document.getElementById("money-note");
+    const cur = document.getElementById("money-currency");
+    const total = document.getElementById("captured-total");
+    const recent = document.getElementById("captured-60s");
+    const captionNote = document.getElementById("captured-note");
+    body.replaceChildren();
+    total.replaceChildren();
+    recent.replaceChildren();
+    captionNote.textContent = "";
+    note.textContent = "";
+    if (main === null) {
+      cur.textContent = "";
+      const tr = h("tr");
+      tr.append(td(h("span", "empty", "no payments yet")));
+      body.append(tr);
+      total.textContent = "–";
+      recent.append(h("span", "muted", "no captures yet"));
+      return;
+    }
+    cur.textContent = `in ${main}`;
+    for (const [name, kind] of MONEY_ROWS) {
+      const tr = h("tr");
+      tr.dataset.kind = kind;
+      tr.append(td(name));
+      tr.append(td(metric(`lifecycle.all.money.${kind}.${main}`, "money")));
+      tr.append(td(metric(`lifecycle.windows.60s.money.${kind}.${main}`, "money")));
+      body.append(tr);
+    }
+    total.append(metric(`lifecycle.all.money.net_captured.${main}`, "money"), h("span", "unit", main));
+    recent.append(metric(`lifecycle.windows.60s.money.captured.${main}`, "money"));
+    recent.append(document.createTextNode(` ${main} captured in the last 60 s`));
+    captionNote.append(metric(`lifecycle.all.money.authorized.${main}`, "money"));
+    captionNote.append(document.createTextNode(` ${main} authorized`));
+    if (others.length > 0) {
+      // no conversion between currencies: the others are listed, not added in
+      note.append(document.createTextNode(`Shown in ${main}; also captured, not converted: `));
+      others.forEach((c, i) => {
+        if (i > 0) note.append(document.createTextNode(" · "));
+        note.append(metric(`lifecycle.all.money.captured.${c}`, "money"), document.createTextNode(` ${c}`));
+      });
+    }
   }
 
   function renderGroups(groups) {
@@ -399,6 +565,10 @@
       renderSkus(snap, "last_60s", "skus-60s");
       renderSkus(snap, "all_time", "skus-all");
       renderDlq(snap);
+      renderFunnel(snap);
+      renderDropoff(snap);
+      renderLifeWindows(snap);
+      renderMoney(snap);
       renderCharts(snap);
     }
     if (groups) {
