@@ -116,6 +116,8 @@ def test_stores_refuse_an_unmigrated_database_until_migrate(postgres_database: s
         "tracker: schema version 1: orders, history and pending events",
         "tracker: schema version 2: the whole life: payment, shipment, deadlines, transitions",
         "api: schema version 1: idempotency keys scoped per client",
+        "payments: schema version 1: payments and their outbox",
+        "fulfilment: schema version 1: shipments and their outbox",
     ]
     assert migrate(settings) == []  # up to date: nothing to do
     queries.ping()
@@ -142,8 +144,10 @@ def test_concurrent_migrations_apply_each_step_once(postgres_database: str) -> N
     lines = sorted(line for applied in results for line in applied)
     assert [line.split(":")[0] for line in lines] == [
         "api",
+        "fulfilment",
         "inventory",
         "inventory",
+        "payments",
         "tracker",
         "tracker",
     ]
