@@ -6,6 +6,7 @@ checked by ``verify`` against the topics, the stores and the gateway's ledger.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ def mesh(settings_factory: SettingsFactory) -> Iterator[Mesh]:
         reservation_ttl_s=TTL_S,
         sweep_every_s=0.3,
         # long enough to cancel a paid order before it ships
-        fulfilment_delay_s=2.0,
+        fulfilment_delay_s=4.0,
         payments_timeout_s=1.0,
         gateway_port=0,
         reorder_point=0,
@@ -93,14 +94,16 @@ def statuses(settings: Settings, order_ids: list[str]) -> dict[str, str]:
 def wait_statuses(
     settings: Settings, order_ids: list[str], wanted: set[str], timeout: float
 ) -> dict[str, str]:
-    seen: dict[str, str] = {}
-
-    def reached() -> bool:
-        seen.update(statuses(settings, order_ids))
-        return all(seen[oid] in wanted for oid in order_ids)
-
-    wait_for(reached, timeout, f"{len(order_ids)} orders in {sorted(wanted)} (now {seen})")
-    return seen
+    """Poll the tracker until every order is in one of ``wanted``; fail naming where
+    they are."""
+    end = time.monotonic() + timeout
+    while True:
+        seen = statuses(settings, order_ids)
+        if all(seen[oid] in wanted for oid in order_ids):
+            return seen
+        if time.monotonic() > end:
+            pytest.fail(f"after {timeout:.0f}s, orders not in {sorted(wanted)}: {seen}")
+        time.sleep(0.25)
 
 
 def generate(seed: int, count: int, **ratios: float) -> list[schema.OrderPlaced]:
