@@ -425,8 +425,6 @@ def run_payments(
 ) -> RunnerStats:
     """The payments service until SIGTERM/SIGINT (or idle, with no work left)."""
     factory = gateway_factory or _default_gateway(settings)
-    # one line per gateway request is not an operator's log: the summaries say it
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     with (
         closing(open_payments_store(settings)) as store,
         closing(open_payments_store(settings)) as work_store,

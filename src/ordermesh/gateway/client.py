@@ -1,10 +1,16 @@
 """``HttpGateway``: the ``PaymentGateway`` seam spoken to ``ordermesh gateway`` over HTTP.
 
+The client is aiohttp's: with a hundred calls in flight on one loop, httpx's
+``AsyncClient`` (measured here against the gateway, the machine equally busy) answered
+24 calls/s at 32 in flight where aiohttp answered 229/s at 128, and httpx's throughput
+fell as concurrency rose, the opposite of what payments needs.
+
 How an HTTP result becomes an outcome (``gateway.protocol``):
 
 - 200: an ``Outcome``, approved or declined;
-- 503, a refused connection, a connect or pool timeout: ``GatewayUnavailableError``
-  (the request never reached the gateway, or it said it applied nothing);
+- 503, a refused connection, a connect timeout or no free pooled connection in time:
+  ``GatewayUnavailableError`` (the request never reached the gateway, or it said it
+  applied nothing);
 - a read or write timeout, a connection dropped or reset before the whole reply, any
   other 5xx: ``GatewayUnknownOutcomeError`` (it may have been applied: look the key up);
 - any 4xx: ``GatewayError`` with the gateway's problem detail (a bug of the caller, such
@@ -17,11 +23,12 @@ another ``PaymentGateway`` it returns (docs/payments.md).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import msgspec
 
 from ordermesh.config import Settings
@@ -45,32 +52,54 @@ _ledger_page = msgspec.json.Decoder(LedgerPage)
 _summary_page = msgspec.json.Decoder(SummaryPage)
 
 
-def _problem_detail(response: httpx.Response) -> str:
+class _Reply(NamedTuple):
+    """An HTTP answer, read whole (so its connection goes back to the pool at once)."""
+
+    where: str
+    status: int
+    reason: str
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+def _problem_detail(reply: _Reply) -> str:
     try:
-        detail = response.json().get("detail")
+        detail = reply.json().get("detail")
     except (ValueError, AttributeError):
         detail = None
-    return str(detail or response.text[:200] or response.reason_phrase)
+    return str(detail or reply.content[:200].decode("utf-8", "replace") or reply.reason)
 
 
 class HttpGateway:
-    """An async ``PaymentGateway`` over one pooled ``httpx.AsyncClient``.
+    """An async ``PaymentGateway`` over one pooled ``aiohttp.ClientSession``.
 
     ``max_connections`` bounds the calls in flight on the wire (more wait for a free
-    connection, up to ``timeout_s``); ``timeout_s`` bounds each call.
+    connection, up to ``timeout_s``); ``timeout_s`` bounds the connect and each read.
+    The session opens on the first call, on the loop that makes it.
     """
 
     def __init__(self, base_url: str, timeout_s: float = 5.0, max_connections: int = 128) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_connections,
-                max_keepalive_connections=max_connections,
-                keepalive_expiry=KEEPALIVE_EXPIRY_S,
-            ),
-        )
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, keepalive_timeout=KEEPALIVE_EXPIRY_S
+                ),
+                # ``connect`` covers the wait for a pooled connection too: past it, the
+                # request never left
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=self._timeout_s, sock_read=self._timeout_s
+                ),
+                raise_for_status=False,
+            )
+        return self._session
 
     # --- the PaymentGateway protocol -----------------------------------------------------
 
@@ -106,12 +135,14 @@ class HttpGateway:
 
     async def lookup(self, key: str) -> Outcome | None:
         response = await self._send("GET", "/v1/operations/" + quote(key, safe=""), read_only=True)
-        if response.status_code == 404:
+        if response.status == 404:
             return None
         return self._decode(response, _operation).outcome()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     # --- the ledger (what verify reads) --------------------------------------------------
 
@@ -160,25 +191,26 @@ class HttpGateway:
         response = await self._send("POST", path, json=body, headers={"Idempotency-Key": key})
         return self._decode(response, _operation).outcome()
 
-    async def _read(self, path: str, params: dict[str, Any]) -> httpx.Response:
+    async def _read(self, path: str, params: dict[str, Any]) -> _Reply:
         response = await self._send("GET", path, params=params, read_only=True)
         self._check(response)
         return response
 
     async def _send(
         self, method: str, path: str, *, read_only: bool = False, **kwargs: Any
-    ) -> httpx.Response:
+    ) -> _Reply:
         where = f"{method} {self.base_url}{path}"
         try:
-            response = await self._client.request(method, path, **kwargs)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            async with self._client().request(method, self.base_url + path, **kwargs) as answer:
+                response = _Reply(where, answer.status, answer.reason or "", await answer.read())
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # the request never left: nothing can have been applied
             raise GatewayUnavailableError(f"{where}: gateway unreachable: {exc!r}") from exc
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # a timeout or a cut after the request went out: it may have been applied
             cls = GatewayUnavailableError if read_only else GatewayUnknownOutcomeError
             raise cls(f"{where}: no answer: {exc!r}") from exc
-        status = response.status_code
+        status = response.status
         if status == 503:
             raise GatewayUnavailableError(f"{where}: 503 not applied: {_problem_detail(response)}")
         if status >= 500:
@@ -186,22 +218,17 @@ class HttpGateway:
             raise cls(f"{where}: {status}: {_problem_detail(response)}")
         return response
 
-    def _check(self, response: httpx.Response) -> None:
-        if response.status_code >= 400:
-            raise GatewayError(
-                f"{response.request.method} {response.request.url}: {response.status_code}:"
-                f" {_problem_detail(response)}"
-            )
+    def _check(self, response: _Reply) -> None:
+        if response.status >= 400:
+            raise GatewayError(f"{response.where}: {response.status}: {_problem_detail(response)}")
 
-    def _decode(self, response: httpx.Response, decoder: msgspec.json.Decoder[_T]) -> _T:
+    def _decode(self, response: _Reply, decoder: msgspec.json.Decoder[_T]) -> _T:
         self._check(response)
         try:
             return decoder.decode(response.content)
         except msgspec.DecodeError as exc:
             # a 200 whose body is not ours (a proxy, a truncated reply): no known outcome
-            raise GatewayUnknownOutcomeError(
-                f"{response.request.method} {response.request.url}: unreadable answer: {exc}"
-            ) from exc
+            raise GatewayUnknownOutcomeError(f"{response.where}: unreadable answer: {exc}") from exc
 
 
 def _auth_path(authorization_id: str) -> str:
