@@ -178,16 +178,20 @@ def applies(current: Status, event: str) -> bool:
 
 def timeline(events: list[str]) -> tuple[Status, list[str]]:
     """The status a sequence of event types ends in, from PLACED, and the steps that
-    were not declared transitions (``"STATUS --Event-->"``); facts are skipped."""
+    were not declared transitions (``"STATUS --Event-->"``); facts are skipped, and so
+    is a copy of an event the order already had (at-least-once delivery re-emits a
+    step's events, possibly after the steps that followed it)."""
     status: Status = "PLACED"
     undeclared: list[str] = []
+    seen: set[str] = set()
     for event in events:
         target = TARGET.get(event)
         if target is None:
             continue
+        if event in seen:
+            continue  # a redelivered copy: it moved the order when it first came
+        seen.add(event)
         if transition(status, event) is None:
-            if target == status:
-                continue  # a redelivered copy
             undeclared.append(f"{status} --{event}-->")
             if not applies(status, event):
                 continue

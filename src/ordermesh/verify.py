@@ -57,6 +57,7 @@ from ordermesh.audit import AuditReport, Life, Lives, audit
 from ordermesh.config import Settings
 from ordermesh.errors import DecodeError, GatewayError, StoreError
 from ordermesh.gateway.client import read_ledger_summary
+from ordermesh.gateway.ledger import read_summaries
 from ordermesh.gateway.wire import OrderSummary
 from ordermesh.kafka.client import kafka_errors
 from ordermesh.kafka.lag import committed_offsets, group_lag
@@ -677,10 +678,20 @@ def _read_tracker(settings: Settings) -> dict[str, str]:
 
 
 def _read_ledger(settings: Settings) -> tuple[dict[str, OrderSummary] | None, str]:
-    """Every order's money in the gateway's ledger, or None and why it can't be read."""
+    """Every order's money in the gateway's ledger, or None and why it can't be read.
+
+    Asked over HTTP; a local gateway that does not answer (``up`` stopped it before its
+    closing verify) is read from its ledger file instead.
+    """
     try:
         return read_ledger_summary(settings), ""
     except GatewayError as exc:
+        path = settings.gateway_db_path()
+        if settings.gateway_url is None and path.exists():
+            try:
+                return read_summaries(path), ""
+            except StoreError as err:
+                return None, f"{exc}; its ledger file: {err}"
         return None, str(exc)
 
 
@@ -773,12 +784,22 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
     return report
 
 
+def _deployed(settings: Settings, group: str) -> bool:
+    """Whether ``group`` ever committed an offset (a mesh without it has none)."""
+    topics = [settings.topic(t) for t in group_topics()[group]]
+    return any(offset >= 0 for offset in committed_offsets(settings, group, topics).values())
+
+
 def wait_drained(settings: Settings, groups: Iterable[str], timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` for ``groups`` to have no lag; whether they got there."""
+    """Wait up to ``timeout_s`` for ``groups`` to have no lag; whether they got there.
+
+    Payments and fulfilment count only where they run (they committed something): a
+    deployment of the inventory alone has no such groups to wait for.
+    """
     deadline = time.monotonic() + timeout_s
-    wanted = list(groups)
     topics_of = group_topics()
     with kafka_errors(settings):
+        wanted = [g for g in groups if g not in LIFE_GROUPS or _deployed(settings, g)]
         while True:
             lag = sum(
                 sum(group_lag(settings, g, [settings.topic(t) for t in topics_of[g]]).values())

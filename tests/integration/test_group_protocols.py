@@ -21,12 +21,15 @@ from ordermesh.kafka.lag import committed_offsets, group_lag
 from ordermesh.loadgen import run_load, sku_name
 from ordermesh.stores.factory import open_inventory_store
 from ordermesh.topics import COMMANDS, ORDERS
+from ordermesh.topology import service
 from ordermesh.verify import verify
 from tests.conftest import ServiceProcess, SettingsFactory, wait_for
 
 pytestmark = pytest.mark.integration
 
 ORDER_COUNT = 9_000
+# every partition of every topic the inventory reads (6 each)
+INVENTORY_PARTITIONS = 6 * len(service("inventory").consumes)
 
 
 def _inventory_group(settings: Any) -> dict[str, Any]:
@@ -36,9 +39,9 @@ def _inventory_group(settings: Any) -> dict[str, Any]:
 
 
 def _split_between(entry: dict[str, Any], members: int) -> bool:
-    """``members`` members, all 12 partitions assigned among them."""
+    """``members`` members, every partition of the inventory's topics among them."""
     assigned = [p for m in entry["members"] for p in m["partitions"]]
-    return entry["member_count"] == members and len(assigned) == 12
+    return entry["member_count"] == members and len(assigned) == INVENTORY_PARTITIONS
 
 
 def test_classic_rebalance(
@@ -59,9 +62,12 @@ def test_classic_rebalance(
     for member in entry["members"]:
         mine = member["partitions"]
         orders = {p.removeprefix("orders") for p in mine if p.startswith("orders[")}
-        commands = {p.removeprefix("order-commands") for p in mine if p.startswith("order-")}
-        # range over two topics of 6 partitions each: partition i of both, 3 per member
-        assert orders == commands and len(orders) == 3, entry["members"]
+        commands = {
+            p.removeprefix("order-commands") for p in mine if p.startswith("order-commands[")
+        }
+        events = {p.removeprefix("order-events") for p in mine if p.startswith("order-events[")}
+        # range over topics of 6 partitions each: partition i of every one, 3 per member
+        assert orders == commands == events and len(orders) == 3, entry["members"]
 
     # a paced load keeps orders arriving while one instance is killed
     load = threading.Thread(
@@ -79,7 +85,7 @@ def test_classic_rebalance(
     finally:
         load.join()
 
-    # eager: the survivor gives up all of its partitions and gets all 12 back
+    # eager: the survivor gives up all of its partitions and gets all of them back
     wait_for(lambda: _split_between(_inventory_group(settings), 1), 60, "one member with all")
     topics = [settings.topic(ORDERS), settings.topic(COMMANDS)]
     wait_for(

@@ -281,3 +281,9 @@ def test_architecture_shows_the_declared_table() -> None:
         "ARCHITECTURE.md's lifecycle table differs from lifecycle.py; it should read:\n"
         + lifecycle.markdown_table()
     )
+
+
+def test_a_late_copy_of_an_earlier_step_is_not_a_move() -> None:
+    # a crash between produce and commit re-emits OrderPaid after the order shipped
+    events = ["OrderReserved", "OrderPaid", "OrderShipped", "OrderPaid", "OrderReserved"]
+    assert timeline(events) == ("SHIPPED", [])

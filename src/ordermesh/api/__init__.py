@@ -21,7 +21,8 @@ types the API validates with.
 
 Modules: ``app`` (routes, lifespan), ``delivery`` (produce + await the Kafka ack from
 asyncio), ``tracking`` (tracker store reads, long-poll), ``idempotency`` (the API's own
-SQLite DB), ``health``, ``metrics``, ``openapi``, ``problems``, ``bodies``.
+SQLite DB), ``health``, ``metrics``, ``openapi``, ``problems``, ``bodies``, ``http`` (what
+the API shares with the payment gateway: JSON answers, query parameters, the lifespan).
 """
 
 from ordermesh.api.app import create_app

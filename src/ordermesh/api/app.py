@@ -18,15 +18,11 @@ import hmac
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,10 +32,11 @@ from ordermesh import lifecycle, schema
 from ordermesh.api.bodies import REQUEST_FIELDS, CancelAccepted, CancelRequest, OrderAccepted
 from ordermesh.api.delivery import AsyncProducer
 from ordermesh.api.health import HealthChecks
+from ordermesh.api.http import JSON, int_param, json_response, lifespan_app, metrics_response
 from ordermesh.api.idempotency import client_for_api_key, order_id_for_key, valid_key
 from ordermesh.api.metrics import ApiMetrics, MetricsMiddleware
 from ordermesh.api.openapi import MAX_WAIT_S, build_openapi
-from ordermesh.api.problems import HTTPProblem, kind_for, problem_response
+from ordermesh.api.problems import HTTPProblem, exception_handlers
 from ordermesh.api.tracking import OrderReader, decided
 from ordermesh.config import Settings
 from ordermesh.errors import DecodeError, DeliveryError, StoreError
@@ -63,14 +60,9 @@ CANCEL_DECISION_WAIT_S: Final = 5.0
 CANCELLABLE: Final = lifecycle.CANCELLABLE
 CANCEL_REFUSALS: Final = lifecycle.CANCEL_REFUSALS
 HEALTH_PING_TIMEOUT_S: Final = 2.0
-JSON: Final = "application/json"
 
 _untyped_json = msgspec.json.Decoder()
 _cancel_decoder = msgspec.json.Decoder(CancelRequest)
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode(body), status_code=status, media_type=JSON, headers=headers)
 
 
 def order_location(order_id: str) -> str:
@@ -147,19 +139,6 @@ def status_param(request: Request, name: str = "status") -> OrderStatus | None:
         if raw == status:
             return status
     raise HTTPProblem(422, "validation-error", f"{name} must be one of {', '.join(ORDER_STATUSES)}")
-
-
-def int_param(request: Request, name: str, low: int, high: int, default: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise HTTPProblem(422, "validation-error", f"{name} must be an integer in {low}..{high}")
-    return value
 
 
 def body_hash(order: schema.OrderPlaced) -> str:
@@ -466,34 +445,10 @@ class OrdersApi:
         snap = await self.health_checks.lag.get(wait_s=1.0)
         if snap.value is not None:
             self.metrics.set_lag(snap.value)
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response(self.metrics.render())
 
     async def openapi_endpoint(self, _request: Request) -> Response:
         return Response(self.openapi, media_type=JSON)
-
-
-# --- errors ----------------------------------------------------------------------------
-
-
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    if isinstance(exc, HTTPProblem):
-        return exc.response()
-    assert isinstance(exc, HTTPException)
-    return problem_response(
-        exc.status_code, kind_for(exc.status_code), exc.detail, headers=exc.headers
-    )
-
-
-async def _store_error(_request: Request, exc: Exception) -> Response:
-    log.warning("tracker/api db unavailable: %s", exc)
-    return problem_response(
-        503, "store-unavailable", f"database unavailable: {exc}", headers={"Retry-After": "1"}
-    )
-
-
-async def _server_error(_request: Request, exc: Exception) -> Response:
-    log.error("unhandled error: %r", exc, exc_info=exc)
-    return problem_response(500, "internal-error", "internal error")
 
 
 def create_app(settings: Settings, *, producer: ProducerClient | None = None) -> Starlette:
@@ -513,23 +468,14 @@ def create_app(settings: Settings, *, producer: ProducerClient | None = None) ->
         Route("/openapi.json", api.openapi_endpoint, methods=["GET"]),
     ]
 
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await api.start()
-        try:
-            yield
-        finally:
-            await api.stop()
-
-    app = Starlette(
-        routes=routes,
+    app = lifespan_app(
+        routes,
+        start=api.start,
+        stop=api.stop,
+        exception_handlers=exception_handlers(
+            log, store_kind="store-unavailable", store="database", store_in_log="tracker/api db"
+        ),
         middleware=[Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],
-        exception_handlers={
-            HTTPException: _http_error,
-            StoreError: _store_error,
-            Exception: _server_error,
-        },
-        lifespan=lifespan,
     )
     app.state.api = api
     return app

@@ -8,13 +8,19 @@ kind of failure without pointing at a web page that does not exist.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
+
+from ordermesh.errors import StoreError
+
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 TYPE_PREFIX: Final = "urn:ordermesh:problem:"
@@ -90,3 +96,35 @@ STATUS_KINDS: Final[dict[int, str]] = {
 
 def kind_for(status: int) -> str:
     return STATUS_KINDS.get(status, "about-blank")
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPProblem):
+        return exc.response()
+    assert isinstance(exc, HTTPException)
+    return problem_response(
+        exc.status_code, kind_for(exc.status_code), exc.detail, headers=exc.headers
+    )
+
+
+def exception_handlers(
+    log: logging.Logger, *, store_kind: str, store: str, store_in_log: str
+) -> dict[Any, ExceptionHandler]:
+    """An app's handlers: every error answered as a problem, logged to ``log``.
+
+    ``HTTPProblem`` and Starlette's own errors answer as raised; a ``StoreError`` is a
+    503 ``store_kind`` ("``store`` unavailable", retry after 1 s: the statement that
+    failed changed nothing); anything else a 500, its traceback logged.
+    """
+
+    async def store_error(_request: Request, exc: Exception) -> Response:
+        log.warning("%s unavailable: %s", store_in_log, exc)
+        return problem_response(
+            503, store_kind, f"{store} unavailable: {exc}", headers={"Retry-After": "1"}
+        )
+
+    async def server_error(_request: Request, exc: Exception) -> Response:
+        log.error("unhandled error: %r", exc, exc_info=exc)
+        return problem_response(500, "internal-error", "internal error")
+
+    return {HTTPException: _http_error, StoreError: store_error, Exception: server_error}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -27,6 +28,23 @@ def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8080, **ext
     }
     options.update(extra)
     return uvicorn.Config(app, host=host, port=port, **options)
+
+
+def serve_in_foreground(config: Any) -> bool:
+    """Serve under uvicorn ``config`` until SIGTERM or SIGINT; whether it ever started
+    (if not, uvicorn logged why: port taken, startup failed)."""
+    server = uvicorn.Server(config)
+
+    def stop(_sig: int, _frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn re-raises a SIGTERM/SIGINT after its graceful shutdown, into the handlers it
+    # found: with these, that ends in exit 0 like the other services (not 143), and a
+    # signal that arrives before uvicorn listens still stops it
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server.run()
+    return bool(server.started)
 
 
 class ThreadedServer:

@@ -41,6 +41,12 @@ skipped):
   keep-alive connection in this process, which does nothing else meanwhile, while the
   load runs in its own process.
 
+- the whole life of an order (``ordermesh.bench.lifecycle``, unless ``--no-lifecycle``):
+  with ``drain``, the same backlog drained by the mesh with the gateway, payments and
+  fulfilment until every order is SHIPPED and captured (beside the reservation-only
+  drain above, its ratio), and again with a card processor's latency at the gateway;
+  with ``latency``, created -> RESERVED and -> SHIPPED on a lifecycle mesh at 1000/s.
+
 The numbers go to ``bench-results/mesh-<time>.json`` and, unless told otherwise, to
 ``docs/performance.md`` and its chart (``ordermesh.bench.performance_doc``).
 """
@@ -58,7 +64,7 @@ import platform
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -420,6 +426,12 @@ def _run_settings(base: Settings, workdir: Path, label: str) -> Settings:
             "inventory_db": None,
             "tracker_db": None,
             "api_db": None,
+            "payments_db": None,
+            "fulfilment_db": None,
+            "gateway_db": None,
+            # the run's own gateway, on a free port
+            "gateway_url": None,
+            "gateway_port": 0,
             "metrics_port": None,
         }
     )
@@ -427,10 +439,21 @@ def _run_settings(base: Settings, workdir: Path, label: str) -> Settings:
 
 @contextlib.contextmanager
 def _prepared_run(
-    base: Settings, workdir: Path, label: str, *, db: Db, inventory: int, skus: int, stock: int
+    base: Settings,
+    workdir: Path,
+    label: str,
+    *,
+    db: Db,
+    inventory: int,
+    skus: int,
+    stock: int,
+    lifecycle: bool = False,
+    gateway_faults: tuple[str, ...] = (),
 ) -> Iterator[_Run]:
     """Topics, the database (a fresh local PostgreSQL for ``postgres``) and the stock of a
-    run, ready before anything is timed; the services, the database stopped at the end."""
+    run, ready before anything is timed; the services, the database stopped at the end.
+    ``lifecycle``: with the gateway (``gateway_faults`` its options), payments and
+    fulfilment (``bench.lifecycle``); otherwise the reservation-only mesh."""
     settings = _run_settings(base, workdir, label)
     plan = MeshPlan(
         instances=parse_instances(f"inventory={inventory}"),
@@ -439,8 +462,9 @@ def _prepared_run(
         api_port=0,
         analytics_port=0,
         db=db,
-        # the reservation-only mesh: what the inventory and its neighbours do per order
-        lifecycle=False,
+        # False: the reservation-only mesh, what the inventory and its neighbours do per order
+        lifecycle=lifecycle,
+        gateway_faults=gateway_faults,
     )
     run = _Run(settings, plan)
     try:
@@ -473,9 +497,15 @@ def _group_lag(settings: Settings, group: str) -> int:
         return sum(group_lag(settings, group, topics).values())
 
 
-def _verify(mesh: Mesh) -> dict[str, Any]:
-    """Stop the services (so the stores are idle), then ``ordermesh verify``."""
-    mesh.stop(stop_broker=False, stop_db=False)
+def _verify(mesh: Mesh, *, serving: Collection[str] = ()) -> dict[str, Any]:
+    """Stop the services (so the stores are idle) but ``serving`` (the gateway, whose
+    ledger verify reads), then ``ordermesh verify``."""
+    if serving:
+        for name in [*mesh._inputs(), *mesh.supervisor.services]:
+            if name in mesh.supervisor.services and name not in serving:
+                mesh.supervisor.stop(name)
+    else:
+        mesh.stop(stop_broker=False, stop_db=False)
     report = verify(mesh.settings).as_dict()
     keep = (
         "ok",
@@ -815,6 +845,15 @@ class MeshBenchPlan:
     warm_orders: int = 200_000
     api_rate: float = 1000.0
     api_sample: ApiSample = ApiSample()
+    # the whole life of an order (``bench.lifecycle``): with ``drain``, a lifecycle drain
+    # of ``orders`` and one of ``realistic_orders`` (0: none) with a realistic gateway;
+    # with ``latency``, a lifecycle mesh at ``life_rate``
+    lifecycle: bool = True
+    # None: ``orders``, as the reservation-only drain; fewer by default, since every order
+    # costs the gateway two HTTP calls and the lifecycle drain is far slower
+    life_orders: int | None = 20_000
+    realistic_orders: int = 5_000
+    life_rate: float = 1000.0
 
 
 def _live_runs(plan: MeshBenchPlan, drain_rate: float | None) -> tuple[list[float], str]:
@@ -856,6 +895,10 @@ def bench_mesh(
             "warmup_s": plan.warmup_s,
             "window_s": plan.window_s,
             "warm_orders": plan.warm_orders,
+            "lifecycle": plan.lifecycle,
+            "life_orders": (plan.life_orders or plan.orders) if plan.lifecycle else 0,
+            "realistic_orders": plan.realistic_orders if plan.lifecycle else 0,
+            "payments_concurrency": settings.payments_concurrency,
         },
         "parts": [p for p in PARTS if p in plan.parts],
         "notes": [],
@@ -914,6 +957,27 @@ def bench_mesh(
             result["drain"] = [
                 drain(orders=plan.orders, inventory=count) for count in plan.inventory
             ]
+            if plan.lifecycle:
+                # right after the reservation-only drain: the machine's noise of the moment
+                # weighs on both alike
+                from ordermesh.bench.lifecycle import lifecycle_drains
+
+                reference = next(
+                    (d for d in result["drain"] if d["inventory_instances"] == 1),
+                    result["drain"][0],
+                )
+                result["lifecycle"] = lifecycle_drains(
+                    base,
+                    orders=plan.life_orders or plan.orders,
+                    realistic_orders=plan.realistic_orders,
+                    workdir=workdir,
+                    reference=reference,
+                    db=plan.db,
+                    skus=plan.skus,
+                    stock=plan.stock,
+                    malformed_ratio=plan.malformed_ratio,
+                    on_step=on_step,
+                )
         drain_rate = result["drain"][0]["orders_per_s"] if result.get("drain") else None
         rates, note = _live_runs(plan, drain_rate)
         if note:
@@ -939,6 +1003,24 @@ def bench_mesh(
                 result["api"] = measured["api"]
         if latency:
             result["latency"] = latency
+        if plan.lifecycle and "latency" in plan.parts:
+            from ordermesh.bench.lifecycle import compare_latency, lifecycle_latency_run
+
+            life = lifecycle_latency_run(
+                base,
+                rate=plan.life_rate,
+                workdir=workdir,
+                db=plan.db,
+                skus=plan.skus,
+                stock=plan.stock,
+                malformed_ratio=plan.malformed_ratio,
+                warmup_s=plan.warmup_s,
+                window_s=plan.window_s,
+                on_step=on_step,
+            )
+            lifecycle_result = result.setdefault("lifecycle", {})
+            lifecycle_result["latency"] = life
+            lifecycle_result["latency_vs_reservation_only"] = compare_latency(life, latency)
     result["rows"] = throughput_rows(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"mesh-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -205,6 +205,8 @@ def render_markdown(result: Mapping[str, Any], *, chart: str | None = CHART_NAME
                 "",
             ]
         out += _latency_notes(result)
+    if result.get("lifecycle"):
+        out += lifecycle_section(result["lifecycle"])
     notes = result.get("notes") or []
     if notes:
         out += ["## Notes", "", *(f"- {note}" for note in notes), ""]
@@ -268,21 +270,25 @@ def _cpu_table(drains: list[Mapping[str, Any]]) -> list[str]:
     """Where each drain's CPU went (read from /proc while it ran)."""
     lines: list[str] = []
     for run in drains:
-        cpu = run.get("cpu")
-        if not cpu:
-            continue
-        lines += [
-            "",
-            f"Where the CPU of the drain ({run['db']}, {run['inventory_instances']} inventory,"
-            f" {run['seconds']} s on {os.cpu_count() or 1} cores) went:",
-            "",
-            "| process | CPU s | µs per order |",
-            "|---|---:|---:|",
-        ]
-        lines += [
-            f"| {name} | {row['cpu_s']:.2f} | {row['us_per_order']:.1f} |"
-            for name, row in cpu.items()
-        ]
+        if run.get("cpu"):
+            what = f"the drain ({run['db']}, {run['inventory_instances']} inventory"
+            lines += cpu_rows(run, what)
+    return lines
+
+
+def cpu_rows(run: Mapping[str, Any], what: str) -> list[str]:
+    """The "process | CPU s | µs per order" table of one run's ``cpu``, captioned."""
+    lines = [
+        "",
+        f"Where the CPU of {what}, {run['seconds']} s on {os.cpu_count() or 1} cores) went:",
+        "",
+        "| process | CPU s | µs per order |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {row['cpu_s']:.2f} | {row['us_per_order']:.1f} |"
+        for name, row in run["cpu"].items()
+    ]
     return lines
 
 
@@ -317,6 +323,152 @@ def _latency_notes(result: Mapping[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def lifecycle_section(life: Mapping[str, Any]) -> list[str]:
+    """ "The whole life of an order": the lifecycle drains, their CPU, and latency."""
+    drain, realistic = life.get("drain"), life.get("realistic")
+    lines = ["## The whole life of an order", ""]
+    rows = []
+    for run, gateway in ((drain, "no faults"), (realistic, None)):
+        if not run:
+            continue
+        if gateway is None:
+            ms = run.get("gateway_latency_ms", {})
+            gateway = f"latency p50 {ms.get('p50', 0):g} ms, p99 {ms.get('p99', 0):g} ms"
+        pct = run.get("pct_of_reservation_only")
+        rows.append(
+            [
+                gateway,
+                f"{run['orders']:,}",
+                f"{run.get('shipped', 0):,}",
+                f"{run['shipped_s']:.1f} s",
+                f"{run['seconds']:.1f} s",
+                f"{run['orders_per_s']:,.0f}",
+                f"{pct:.1f}%" if pct is not None else "—",
+                _verdict(run.get("verify")),
+            ]
+        )
+    if rows:
+        lines += [
+            "Each lifecycle drain as the reservation-only drain above, with the gateway,"
+            " payments and fulfilment (shipments ready at once, no reservation expiring, no"
+            " declining cards, no cancels), timed from the services' start until every valid"
+            " order was SHIPPED and its capture recorded: the tracker shows every order"
+            " SHIPPED, payments has no call due and fulfilment nothing scheduled, neither an"
+            " unpublished event, every group's lag is 0, and nothing was appended to"
+            " `order-events` or `order-commands` meanwhile. Then `ordermesh verify` audits"
+            " every order's life against the gateway's ledger.",
+            "",
+            _table(
+                [
+                    "gateway",
+                    "orders",
+                    "SHIPPED",
+                    "last SHIPPED",
+                    "settled",
+                    "orders/s",
+                    "% of the reservation-only drain",
+                    "verify",
+                ],
+                ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---"],
+                rows,
+            ),
+            "",
+        ]
+    if drain and drain.get("reservation_only_orders_per_s"):
+        lines += [
+            f"The reservation-only drain of the same run: "
+            f"{drain['reservation_only_orders_per_s']:,.0f} orders/s.",
+            "",
+        ]
+    bound = (realistic or {}).get("bound")
+    if bound:
+        lines += [
+            f"With the realistic gateway a call takes {bound['mean_call_ms']:g} ms on average;"
+            f" payments keeps up to {bound['in_flight']} calls in flight and an order needs"
+            f" two (authorize, capture), so by Little's law it can finish at most"
+            f" {bound['orders_per_s']:,.0f} orders/s per payments instance, whatever the"
+            " rest of the mesh does.",
+            "",
+        ]
+    for run, what in ((drain, "the lifecycle drain (no gateway faults"), (realistic, None)):
+        if run and run.get("cpu"):
+            lines += cpu_rows(run, what or "the lifecycle drain (realistic gateway")
+    latency = life.get("latency")
+    if latency:
+        lines += ["", *_life_latency(latency, life.get("latency_vs_reservation_only"))]
+    return [*lines, ""]
+
+
+def _life_latency(run: Mapping[str, Any], versus: Mapping[str, Any] | None) -> list[str]:
+    reserved, shipped = run["created_to_reserved_ms"], run["created_to_shipped_ms"]
+    rows = [
+        [
+            f"lifecycle mesh at {run['rate']:,.0f} orders/s",
+            f"{run['orders']:,}",
+            *(_ms(reserved.get(p)) for p in PERCENTILES),
+            f"{run.get('shipped', 0):,}",
+            *(_ms(shipped.get(p)) for p in PERCENTILES),
+            _verdict(run.get("verify")),
+        ]
+    ]
+    if versus:
+        theirs = versus["reservation_only_ms"]
+        rows.append(
+            [
+                f"reservation-only mesh at {versus['rate']:,.0f} orders/s (above)",
+                "",
+                _ms(theirs.get("p50")),
+                "",
+                _ms(theirs.get("p99")),
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    settled = run.get("settled_s")
+    lines = [
+        "Created → RESERVED (the `OrderReserved` record's timestamp minus `created_at`, as"
+        " above) and created → SHIPPED (the `OrderShipped` record's) of the orders created"
+        f" in the window, on a fresh lifecycle mesh (no gateway faults) under"
+        f" {run['rate']:,.0f} orders/s of `ordermesh load --rate`, as `up` runs it (its"
+        " default shares of declining cards and cancels among them):",
+        "",
+        _table(
+            [
+                "mesh",
+                "orders",
+                "→ RESERVED p50",
+                "p95",
+                "p99",
+                "shipped",
+                "→ SHIPPED p50",
+                "p95",
+                "p99",
+                "verify",
+            ],
+            ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"],
+            rows,
+        ),
+        "",
+    ]
+    if versus:
+        ratio = versus["ratio"]
+        lines.append(
+            "Created → RESERVED with the whole life running, over the reservation-only mesh's:"
+            f" p50 × {ratio.get('p50')}, p99 × {ratio.get('p99')}."
+        )
+    lines.append(
+        f"Every life had ended {settled} s after the load."
+        if settled is not None
+        else "The mesh had not finished every life when the latency run stopped waiting for"
+        f" it (inventory backlog at the load's end: {run.get('backlog_at_load_end', 0):,};"
+        f" statuses then: {run.get('statuses', {})}); verify counts what was left as pending."
+    )
+    return [*lines, ""]
 
 
 def write_chart(result: Mapping[str, Any], path: Path) -> None:

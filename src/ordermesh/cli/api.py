@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from typing import Annotated
 
 import typer
@@ -33,28 +32,14 @@ def api_cmd(
 
     Set ORDERMESH_API_KEYS=key1,key2 to require one of them on POST endpoints.
     """
-    import uvicorn
-
     from ordermesh.api import create_app
-    from ordermesh.api.server import uvicorn_config
+    from ordermesh.api.server import serve_in_foreground, uvicorn_config
 
     settings = make_settings(
         data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
     )
     config = uvicorn_config(create_app(settings), host=host, port=port, access_log=access_log)
-    server = uvicorn.Server(config)
-
-    def stop(_sig: int, _frame: object) -> None:
-        server.should_exit = True
-
-    # uvicorn re-raises a SIGTERM/SIGINT after its graceful shutdown, into the handlers it
-    # found: with these, that ends in exit 0 like the other services (not 143), and a
-    # signal that arrives before uvicorn listens still stops it
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    server.run()
-    if not server.started:
-        # uvicorn logged why (port taken, startup failed)
+    if not serve_in_foreground(config):
         raise typer.Exit(code=1)
 
 

@@ -169,6 +169,29 @@ def bench_mesh_cmd(
             " broker spends its first minutes compiling (0: measure it cold).",
         ),
     ] = 200_000,
+    lifecycle: Annotated[
+        bool,
+        typer.Option(
+            "--lifecycle/--no-lifecycle",
+            help="Also measure the whole life of an order (gateway, payments, fulfilment):"
+            " drains to SHIPPED (with drain) and created -> RESERVED/SHIPPED (with latency).",
+        ),
+    ] = True,
+    life_orders: Annotated[
+        int | None,
+        typer.Option(min=100, help="Orders of the lifecycle drain (unset: --orders)."),
+    ] = 20_000,
+    realistic_orders: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Orders of the lifecycle drain with a card processor's latency at the"
+            " gateway (p50 150 ms, p99 800 ms); 0: none.",
+        ),
+    ] = 5_000,
+    life_rate: Annotated[
+        float, typer.Option(min=1.0, help="Orders/s of the lifecycle latency run.")
+    ] = 1000.0,
     docs: Annotated[
         bool | None,
         typer.Option(
@@ -219,6 +242,10 @@ def bench_mesh_cmd(
         window_s=window,
         warm_orders=warm_orders,
         api_sample=ApiSample(orders=api_orders),
+        lifecycle=lifecycle,
+        life_orders=life_orders,
+        realistic_orders=realistic_orders,
+        life_rate=life_rate,
     )
     settings = make_settings()
     command = shlex.join(["ordermesh", *sys.argv[1:]])
@@ -291,8 +318,33 @@ def _print_mesh(result: dict[str, Any]) -> None:
             + ", ".join(f"{p} {ms(reserved[p])} ms" for p in PERCENTILES),
             highlight=False,
         )
+    _print_lifecycle(result.get("lifecycle") or {})
     for note in result.get("notes", []):
         console.print(f"note: {note}", highlight=False)
     console.print(f"numbers: {result['file']}", highlight=False)
     for path in result.get("docs", []):
         console.print(f"wrote {path}", highlight=False)
+
+
+def _print_lifecycle(life: dict[str, Any]) -> None:
+    for key, what in (("drain", "no gateway faults"), ("realistic", "realistic gateway")):
+        run = life.get(key)
+        if not run:
+            continue
+        pct = run.get("pct_of_reservation_only")
+        console.print(
+            f"lifecycle drain ({what}): {run['orders']:,} orders, {run['shipped']:,} SHIPPED,"
+            f" {run['orders_per_s']:,.0f} orders/s"
+            + (f" ({pct:.1f}% of the reservation-only drain)" if pct is not None else "")
+            + f"; verify {'OK' if run['verify']['ok'] else 'FAILED'}",
+            highlight=False,
+        )
+    latency = life.get("latency")
+    if latency:
+        reserved, shipped = latency["created_to_reserved_ms"], latency["created_to_shipped_ms"]
+        console.print(
+            f"lifecycle mesh at {latency['rate']:,.0f} orders/s: created -> RESERVED p50"
+            f" {reserved['p50']} ms, p99 {reserved['p99']} ms; created -> SHIPPED p50"
+            f" {shipped['p50']} ms, p99 {shipped['p99']} ms ({latency['shipped']:,} shipped)",
+            highlight=False,
+        )

@@ -7,15 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ordermesh.cli.common import (
-    BootstrapServer,
-    CommandConfig,
-    DataDir,
-    app,
-    fail,
-    make_settings,
-)
-from ordermesh.errors import OrderMeshError
+from ordermesh.cli.common import BootstrapServer, CommandConfig, DataDir, app
+from ordermesh.cli.services import db_option, run_app
+from ordermesh.topology import service
 
 fulfilment_app = typer.Typer(no_args_is_help=True, help="The fulfilment service.")
 app.add_typer(fulfilment_app, name="fulfilment")
@@ -23,15 +17,7 @@ app.add_typer(fulfilment_app, name="fulfilment")
 
 @fulfilment_app.command("run")
 def fulfilment_run(
-    db: Annotated[
-        Path | None,
-        typer.Option(
-            "--db",
-            help="Fulfilment database file (default: fulfilment.db in the data dir).",
-            envvar="ORDERMESH_FULFILMENT_DB",
-            show_envvar=True,
-        ),
-    ] = None,
+    db: Annotated[Path | None, db_option("fulfilment")] = None,
     data_dir: DataDir = None,
     bootstrap_server: BootstrapServer = None,
     command_config: CommandConfig = None,
@@ -41,15 +27,11 @@ def fulfilment_run(
     ] = None,
 ) -> None:
     """Run fulfilment: schedule a shipment per paid order, emit ShipmentReady when packed."""
-    from ordermesh.apps.fulfilment import run_fulfilment
-
-    settings = make_settings(
+    run_app(
+        service("fulfilment"),
+        idle_exit,
         fulfilment_db=db,
         data_dir=data_dir,
         bootstrap_servers=bootstrap_server,
         command_config=command_config,
     )
-    try:
-        run_fulfilment(settings, idle_exit_s=idle_exit)
-    except OrderMeshError as exc:
-        raise fail(exc) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from typing import Annotated, Any
 
 import typer
@@ -62,9 +61,7 @@ def gateway_cmd(
 
     The faults given here change at runtime with POST /admin/faults (docs/payments.md).
     """
-    import uvicorn
-
-    from ordermesh.api.server import uvicorn_config
+    from ordermesh.api.server import serve_in_foreground, uvicorn_config
     from ordermesh.gateway.faults import config_from_settings
     from ordermesh.gateway.server import create_gateway_app
 
@@ -96,14 +93,5 @@ def gateway_cmd(
         timeout_graceful_shutdown=5,
         backlog=4096,
     )
-    server = uvicorn.Server(config)
-
-    def stop(_sig: int, _frame: object) -> None:
-        server.should_exit = True
-
-    # as `ordermesh api`: exit 0 on SIGTERM/SIGINT, also before uvicorn listens
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    server.run()
-    if not server.started:
+    if not serve_in_foreground(config):
         raise typer.Exit(code=1)

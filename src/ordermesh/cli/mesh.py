@@ -308,8 +308,8 @@ def up(
                 mesh.wait_drained(30)
             except KeyboardInterrupt:
                 pass
-        mesh.stop(stop_broker=False)
-        with status_line("verifying (reading every topic)"):
+        mesh.stop_for_verify()
+        with status_line("verifying (reading every topic and the gateway's ledger)"):
             report = verify(mesh.settings)
     finally:
         # every exit path (an error, Ctrl-C, SIGTERM, SIGHUP) ends what up started

@@ -7,15 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ordermesh.cli.common import (
-    BootstrapServer,
-    CommandConfig,
-    DataDir,
-    app,
-    fail,
-    make_settings,
-)
-from ordermesh.errors import OrderMeshError
+from ordermesh.cli.common import BootstrapServer, CommandConfig, DataDir, app
+from ordermesh.cli.services import db_option, run_app
+from ordermesh.topology import service
 
 payments_app = typer.Typer(no_args_is_help=True, help="The payments service.")
 app.add_typer(payments_app, name="payments")
@@ -23,15 +17,7 @@ app.add_typer(payments_app, name="payments")
 
 @payments_app.command("run")
 def payments_run(
-    db: Annotated[
-        Path | None,
-        typer.Option(
-            "--db",
-            help="Payments database file (default: payments.db in the data dir).",
-            envvar="ORDERMESH_PAYMENTS_DB",
-            show_envvar=True,
-        ),
-    ] = None,
+    db: Annotated[Path | None, db_option("payments")] = None,
     gateway_url: Annotated[
         str | None,
         typer.Option(
@@ -49,16 +35,12 @@ def payments_run(
     ] = None,
 ) -> None:
     """Run payments: authorize reserved orders, capture shipped ones, void or refund the rest."""
-    from ordermesh.apps.payments import run_payments
-
-    settings = make_settings(
+    run_app(
+        service("payments"),
+        idle_exit,
         payments_db=db,
         gateway_url=gateway_url,
         data_dir=data_dir,
         bootstrap_servers=bootstrap_server,
         command_config=command_config,
     )
-    try:
-        run_payments(settings, idle_exit_s=idle_exit)
-    except OrderMeshError as exc:
-        raise fail(exc) from None

@@ -4,7 +4,8 @@ A new consumer service is a ``ServiceSpec`` in ``topology.py``, its core in
 ``services/`` and its process in ``apps/<name>.py`` with ``run_<name>(settings, *,
 idle_exit_s)``. Its command (the spec's ``command``, e.g. ``ordermesh fraud run``) is
 registered here with the options every service takes; services that need more (the
-dashboard's ``--port``) write their own command instead.
+dashboard's ``--port``, payments' ``--gateway-url``) write their own command instead,
+with ``db_option`` and ``run_app`` from here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,25 @@ def app_runner(spec: ServiceSpec) -> Callable[..., Any]:
     return getattr(module, f"run_{name}")  # type: ignore[no-any-return]
 
 
+def db_option(name: str) -> Any:
+    """The ``--db`` option of a service keeping ``<name>.db`` (``ORDERMESH_<NAME>_DB``)."""
+    return typer.Option(
+        "--db",
+        help=f"{name.capitalize()} database file (default: {name}.db in the data dir).",
+        envvar=f"ORDERMESH_{name.upper()}_DB",
+        show_envvar=True,
+    )
+
+
+def run_app(spec: ServiceSpec, idle_exit: float | None, **overrides: Any) -> None:
+    """Run the service of ``spec`` with settings from ``overrides``."""
+    settings = make_settings(**overrides)
+    try:
+        app_runner(spec)(settings, idle_exit_s=idle_exit)
+    except OrderMeshError as exc:
+        raise fail(exc) from None
+
+
 def _command(spec: ServiceSpec) -> Callable[..., None]:
     def run_service(
         data_dir: DataDir = None,
@@ -42,13 +62,13 @@ def _command(spec: ServiceSpec) -> Callable[..., None]:
             float | None, typer.Option(help="Exit after this many idle seconds.")
         ] = None,
     ) -> None:
-        settings = make_settings(
-            data_dir=data_dir, bootstrap_servers=bootstrap_server, command_config=command_config
+        run_app(
+            spec,
+            idle_exit,
+            data_dir=data_dir,
+            bootstrap_servers=bootstrap_server,
+            command_config=command_config,
         )
-        try:
-            app_runner(spec)(settings, idle_exit_s=idle_exit)
-        except OrderMeshError as exc:
-            raise fail(exc) from None
 
     run_service.__doc__ = (
         f"Run the {spec.name} service: consumes {', '.join(spec.consumes)} in group {spec.group}."

@@ -237,3 +237,18 @@ _SUMMARY_FIELDS: Final[dict[str, tuple[str, str]]] = {
     "void": ("voids", "voided_cents"),
     "refund": ("refunds", "refunded_cents"),
 }
+
+
+def read_summaries(path: Path, page_size: int = 10_000) -> dict[str, OrderSummary]:
+    """Every order's money in the ledger file at ``path`` (the gateway need not run)."""
+    ledger = Ledger(path)
+    try:
+        found: dict[str, OrderSummary] = {}
+        cursor: str | None = ""
+        while cursor is not None:
+            page = ledger.summaries(cursor, page_size)
+            found.update((summary.order_id, summary) for summary in page.orders)
+            cursor = page.next_after
+        return found
+    finally:
+        ledger.close()

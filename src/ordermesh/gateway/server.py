@@ -26,28 +26,20 @@ import logging
 import secrets
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import msgspec
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ordermesh.api.http import int_param, json_response, lifespan_app, metrics_response
 from ordermesh.api.idempotency import valid_key
-from ordermesh.api.problems import HTTPProblem, kind_for, problem_response
+from ordermesh.api.problems import HTTPProblem, exception_handlers
 from ordermesh.errors import StoreError
 from ordermesh.gateway.faults import Fate, FaultConfig, Faults, merged
 from ordermesh.gateway.ledger import Ledger
@@ -63,7 +55,6 @@ from ordermesh.gateway.wire import (
 
 log = logging.getLogger(__name__)
 
-JSON: Final = "application/json"
 MAX_BODY_BYTES: Final = 16 * 1024
 SUMMARY_EVERY_S: Final = 10.0
 # how long a dropped connection waits for the server to notice it is gone
@@ -71,12 +62,7 @@ DROP_WAIT_S: Final = 1.0
 TRANSPORT_SCOPE_KEY: Final = "ordermesh.transport"
 
 _B = TypeVar("_B")
-_encode = msgspec.json.encode
 _untyped = msgspec.json.Decoder()
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encode(body), status_code=status, media_type=JSON, headers=headers)
 
 
 class GatewayMetrics:
@@ -378,15 +364,15 @@ class Gateway:
         return json_response(found[1])
 
     async def ledger_page(self, request: Request) -> Response:
-        after = _int_param(request, "after", 0, 2**63 - 1, 0)
-        limit = _int_param(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        after = int_param(request, "after", 0, 2**63 - 1, 0)
+        limit = int_param(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
         page = await asyncio.to_thread(self.ledger.page, after, limit)
         return json_response(page)
 
     async def order_summaries(self, request: Request) -> Response:
         after = request.query_params.get("after", "")
         order_id = request.query_params.get("order_id")
-        limit = _int_param(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
+        limit = int_param(request, "limit", 1, MAX_PAGE, DEFAULT_PAGE)
         page = await asyncio.to_thread(self.ledger.summaries, after, limit, order_id)
         return json_response(page)
 
@@ -405,7 +391,7 @@ class Gateway:
         return json_response(body)
 
     async def metrics_endpoint(self, _request: Request) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response(self.metrics.render())
 
     async def admin_faults(self, request: Request) -> Response:
         if request.method == "POST":
@@ -472,44 +458,6 @@ async def _decode(request: Request, kind: type[_B], *, empty_ok: bool = False) -
         raise HTTPProblem(400, "bad-request", f"malformed JSON: {exc}") from None
 
 
-def _int_param(request: Request, name: str, low: int, high: int, default: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise HTTPProblem(422, "validation-error", f"{name} must be an integer in {low}..{high}")
-    return value
-
-
-# --- errors ----------------------------------------------------------------------------
-
-
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    if isinstance(exc, HTTPProblem):
-        return exc.response()
-    assert isinstance(exc, HTTPException)
-    return problem_response(
-        exc.status_code, kind_for(exc.status_code), exc.detail, headers=exc.headers
-    )
-
-
-async def _store_error(_request: Request, exc: Exception) -> Response:
-    # the append did not happen (a SQLite statement is atomic): not applied, retry
-    log.warning("gateway ledger unavailable: %s", exc)
-    return problem_response(
-        503, "ledger-unavailable", f"ledger unavailable: {exc}", headers={"Retry-After": "1"}
-    )
-
-
-async def _server_error(_request: Request, exc: Exception) -> Response:
-    log.error("unhandled error: %r", exc, exc_info=exc)
-    return problem_response(500, "internal-error", "internal error")
-
-
 def create_gateway_app(db_path: Path, faults: FaultConfig | None = None) -> ASGIApp:
     """The gateway's ASGI app; the ledger opens when it starts (lifespan)."""
     gateway = Gateway(db_path, faults)
@@ -528,22 +476,14 @@ def create_gateway_app(db_path: Path, faults: FaultConfig | None = None) -> ASGI
     ]
     routes = [Route(path, endpoint, methods=methods) for path, endpoint, methods in endpoints]
 
-    @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        await gateway.start()
-        try:
-            yield
-        finally:
-            await gateway.stop()
-
-    app = Starlette(
-        routes=routes,
-        exception_handlers={
-            HTTPException: _http_error,
-            StoreError: _store_error,
-            Exception: _server_error,
-        },
-        lifespan=lifespan,
+    app = lifespan_app(
+        routes,
+        start=gateway.start,
+        stop=gateway.stop,
+        # a failed ledger append did not happen (a SQLite statement is atomic): not applied
+        exception_handlers=exception_handlers(
+            log, store_kind="ledger-unavailable", store="ledger", store_in_log="gateway ledger"
+        ),
     )
     app.state.gateway = gateway
     return ExposeTransport(app)

@@ -12,22 +12,34 @@ Protocol. What they share lives here:
   but ``StoreError`` is dead-lettered (stage ``process``, class = the exception's) rather
   than stopping the consumer. ``StoreError`` propagates: the batch is not committed and
   will be redelivered.
+
+``OrderRowService`` is that skeleton for the cores over ``order-events`` that keep one
+row per order (payments, fulfilment): peek at each event's type and skip those it has
+no concern with, decode or dead-letter the rest, then load, change and save the rows of
+the batch in one transaction.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from typing import Generic, Protocol, Self, TypeVar
 
+import msgspec
+
+from ordermesh import schema
 from ordermesh.errors import DecodeError, StoreError
 from ordermesh.records import ERROR_HEADER_PREFIX, InRecord, OutRecord, dead_letter, header
+from ordermesh.schema import OrderEvent
 
 logger = logging.getLogger(__name__)
 
 StoreT = TypeVar("StoreT")
 TaskT = TypeVar("TaskT")
 StepT = TypeVar("StepT")
+RowT = TypeVar("RowT")
 
 Decoder = Callable[[bytes | None], TaskT]
 
@@ -106,3 +118,153 @@ class StoreService(Generic[StoreT, TaskT]):
                     record,
                     self.dead_letter(record, "process", type(exc).__name__, f"unexpected: {exc!r}"),
                 )
+
+
+# --- one row per order, over order-events ----------------------------------------------
+
+
+class _Kind(msgspec.Struct):
+    """Only the tag of an event: enough to skip the ones a service ignores."""
+
+    type: str = ""
+
+
+_peek = msgspec.json.Decoder(_Kind)
+
+
+def event_kind(raw: bytes | None) -> str | None:
+    """The ``type`` of an encoded event; None when it cannot be read (decode it fully
+    then, for the dead letter's reason)."""
+    if raw is None:
+        return None
+    try:
+        return _peek.decode(raw).type
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class RowStore(Protocol[RowT]):
+    """What ``OrderRowService`` needs of its store: rows by order_id, in a transaction."""
+
+    def transaction(self) -> AbstractContextManager[None]: ...
+
+    def load(self, order_ids: Collection[str]) -> dict[str, RowT]: ...
+
+    def save(self, rows: Sequence[RowT]) -> None: ...
+
+
+@dataclass
+class RowStats:
+    """Counters of an ``OrderRowService`` since start; services add their own."""
+
+    batches: int = 0
+    records: int = 0
+    skipped: int = 0
+    unchanged: int = 0
+    dlq: int = 0
+
+    def add(self, other: Self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+StatsT = TypeVar("StatsT", bound=RowStats)
+
+
+class OrderRowService(StoreService[RowStore[RowT], OrderEvent], Generic[RowT, StatsT]):
+    """A core over ``order-events`` keeping one ``RowT`` per order; ``handle`` returns
+    only dead letters (the work the rows stand for is done later by a worker).
+
+    A subclass says which event types concern it (``concerns``), what an event does to
+    a row (``apply``) and what a change counts as (``count``).
+    """
+
+    # the batch's summary line goes to the subclass's own logger
+    log: logging.Logger = logger
+
+    def __init__(
+        self,
+        store: RowStore[RowT],
+        *,
+        events_topic: str,
+        dlq_topic: str,
+        service_name: str,
+        clock: Callable[[], float],
+        concerns: frozenset[str],
+        stats: StatsT,
+    ) -> None:
+        super().__init__(
+            store,
+            decoders={events_topic: schema.decode_event},
+            dlq_topic=dlq_topic,
+            service_name=service_name,
+            clock=clock,
+        )
+        self.events_topic = events_topic
+        self.concerns = concerns
+        self.stats = stats
+
+    def apply(self, row: RowT | None, event: OrderEvent, now: float) -> RowT | None:
+        """The order's row after ``event`` (the same object when nothing changes)."""
+        raise NotImplementedError
+
+    def count(self, stats: StatsT, before: RowT | None, after: RowT) -> None:
+        """Count a row that ``apply`` changed from ``before`` to ``after``."""
+        raise NotImplementedError
+
+    def handle(self, batch: Sequence[InRecord]) -> list[OutRecord]:
+        """Apply the batch's events to their rows in one transaction; the dead letters.
+
+        A ``StoreError`` means nothing was committed: the batch must be redelivered.
+        """
+        if not batch:
+            return []
+        stats = type(self.stats)(batches=1, records=len(batch))
+        out: list[OutRecord] = []
+        first_dlq: str | None = None
+        work: list[tuple[InRecord, OrderEvent, bytes]] = []
+        # decode outside the transaction: CPU only, keeps the write lock short
+        for record in batch:
+            if record.topic == self.events_topic:
+                kind = event_kind(record.value)
+                if kind is not None and kind not in self.concerns:
+                    stats.skipped += 1
+                    continue
+            try:
+                task = self.decode(record)
+            except DecodeError as exc:
+                task = self.decode_dead_letter(record, exc)
+            if isinstance(task, OutRecord):
+                out.append(task)
+                first_dlq = first_dlq or describe_dead_letter(record, task)
+                continue
+            work.append((record, task, b""))
+        if work:
+            now = self._clock()
+            with self.store.transaction():
+                rows = self.store.load({e.order_id for _, e, _ in work})
+                changed: dict[str, RowT] = {}
+
+                def step(record: InRecord, event: OrderEvent, _extra: bytes) -> None:
+                    before = rows.get(event.order_id)
+                    after = self.apply(before, event, now)
+                    if after is None or after is before:
+                        stats.unchanged += 1
+                        return
+                    rows[event.order_id] = changed[event.order_id] = after
+                    self.count(stats, before, after)
+
+                def dead(record: InRecord, dlq: OutRecord) -> None:
+                    nonlocal first_dlq
+                    out.append(dlq)
+                    first_dlq = first_dlq or describe_dead_letter(record, dlq)
+
+                self.apply_guarded(work, step, dead)
+                self.store.save(list(changed.values()))
+        stats.dlq = len(out)
+        if first_dlq is not None:
+            self.log.warning(
+                "%s: %d record(s) dead-lettered, first: %s", self.service_name, len(out), first_dlq
+            )
+        self.stats.add(stats)
+        return out

@@ -693,12 +693,36 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
             state.stats.unknown += 1
         return order
 
-    def _authorized(self, state: _Batch, record: InRecord, fact: PaymentAuthorized) -> None:
-        order = self._known(state, fact.order_id)
+    def _in_status(
+        self, state: _Batch, order_id: str, status: OrderStatus, trigger: StepTrigger
+    ) -> _Order | None:
+        """The order when it is ``status``, the one ``trigger`` applies to; otherwise
+        None, once what ``trigger`` caused before (if anything) is re-emitted."""
+        order = self._known(state, order_id)
         if order is None:
-            return
-        if order.status != "RESERVED":
-            self._replay(state, order, "PaymentAuthorized")
+            return None
+        if order.status != status:
+            self._replay(state, order, trigger)
+            return None
+        return order
+
+    def _advance(
+        self,
+        state: _Batch,
+        record: InRecord,
+        order: _Order,
+        event: OrderPaid | OrderShipped,
+        moved: tuple[int, int],
+        trigger: StepTrigger,
+    ) -> None:
+        """Move the order's units ``moved`` (from, to) and record ``event``'s step."""
+        status: OrderStatus = "PAID" if isinstance(event, OrderPaid) else "SHIPPED"
+        state.shift(event.order_id, order.items, *moved)
+        self._step(state, record, order, event.order_id, status, trigger, (event,))
+
+    def _authorized(self, state: _Batch, record: InRecord, fact: PaymentAuthorized) -> None:
+        order = self._in_status(state, fact.order_id, "RESERVED", "PaymentAuthorized")
+        if order is None:
             return
         if order.expires_at is not None and fact.at > order.expires_at:
             # authorized too late: the reservation ended before; payments voids it
@@ -713,16 +737,12 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
             )
             return
         paid = OrderPaid(fact.order_id, fact.authorization_id, fact.amount, at=state.now)
-        state.shift(fact.order_id, order.items, RESERVED, COMMITTED)
-        self._step(state, record, order, fact.order_id, "PAID", "PaymentAuthorized", (paid,))
+        self._advance(state, record, order, paid, (RESERVED, COMMITTED), "PaymentAuthorized")
         state.stats.paid += 1
 
     def _declined(self, state: _Batch, record: InRecord, fact: PaymentDeclined) -> None:
-        order = self._known(state, fact.order_id)
+        order = self._in_status(state, fact.order_id, "RESERVED", "PaymentDeclined")
         if order is None:
-            return
-        if order.status != "RESERVED":
-            self._replay(state, order, "PaymentDeclined")
             return
         failed = OrderPaymentFailed(fact.order_id, fact.reason, fact.detail, at=state.now)
         self._release(
@@ -730,15 +750,11 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         )
 
     def _shipment_ready(self, state: _Batch, record: InRecord, fact: ShipmentReady) -> None:
-        order = self._known(state, fact.order_id)
+        order = self._in_status(state, fact.order_id, "PAID", "ShipmentReady")
         if order is None:
             return
-        if order.status != "PAID":
-            self._replay(state, order, "ShipmentReady")
-            return
         shipped = OrderShipped(fact.order_id, fact.shipment_id, at=state.now)
-        state.shift(fact.order_id, order.items, COMMITTED, SHIPPED)
-        self._step(state, record, order, fact.order_id, "SHIPPED", "ShipmentReady", (shipped,))
+        self._advance(state, record, order, shipped, (COMMITTED, SHIPPED), "ShipmentReady")
         state.stats.shipped += 1
 
     def _expire(self, state: _Batch, record: InRecord, command: ExpireReservation) -> None:

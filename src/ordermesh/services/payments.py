@@ -32,15 +32,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 from ordermesh import schema
-from ordermesh.errors import DecodeError
 from ordermesh.gateway.protocol import Operation, Outcome
-from ordermesh.records import InRecord, OutRecord
 from ordermesh.schema import (
     OrderCancelled,
     OrderEvent,
@@ -53,7 +51,7 @@ from ordermesh.schema import (
     PaymentVoided,
     ReservationExpired,
 )
-from ordermesh.services.base import StoreService, describe_dead_letter
+from ordermesh.services.base import OrderRowService, RowStats
 from ordermesh.stores.outbox import OutboxRecord
 from ordermesh.stores.payments import GOAL_RANK, Goal, PaymentRow, PaymentsStore
 
@@ -68,26 +66,6 @@ BACKOFF_S: Final = (0.2, 30.0)
 # an unknown outcome the look-up says was never applied is retried soon (same key)
 UNKNOWN_RETRY_S: Final = 0.2
 MAX_DETAIL: Final = 500
-
-
-class _Kind(msgspec.Struct):
-    """Only the tag of an event: enough to skip the ones payments ignores."""
-
-    type: str = ""
-
-
-_peek = msgspec.json.Decoder(_Kind)
-
-
-def event_kind(raw: bytes | None) -> str | None:
-    """The ``type`` of an encoded event; None when it cannot be read (decode it fully
-    then, for the dead letter's reason)."""
-    if raw is None:
-        return None
-    try:
-        return _peek.decode(raw).type
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
 
 
 def next_operation(state: str, goal: Goal, started: bool) -> Operation | None:
@@ -238,26 +216,19 @@ def outbox_records(
 
 
 @dataclass
-class IntentStats:
+class IntentStats(RowStats):
     """Counters of the batch handler since start."""
 
-    batches: int = 0
-    records: int = 0
-    skipped: int = 0
     reserved: int = 0
     shipped: int = 0
     closed: int = 0
     abandoned: int = 0
-    unchanged: int = 0
-    dlq: int = 0
-
-    def add(self, other: IntentStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-class PaymentsService(StoreService[PaymentsStore, OrderEvent]):
+class PaymentsService(OrderRowService[PaymentRow, IntentStats]):
     """Pure payments intents over a ``PaymentsStore``; no Kafka, no gateway inside."""
+
+    log = logger
 
     def __init__(
         self,
@@ -270,77 +241,22 @@ class PaymentsService(StoreService[PaymentsStore, OrderEvent]):
     ) -> None:
         super().__init__(
             store,
-            decoders={events_topic: schema.decode_event},
+            events_topic=events_topic,
             dlq_topic=dlq_topic,
             service_name=service_name,
             clock=clock,
+            concerns=CONCERNS,
+            stats=IntentStats(),
         )
-        self.events_topic = events_topic
-        self.stats = IntentStats()
 
-    def handle(self, batch: Sequence[InRecord]) -> list[OutRecord]:
-        """Record the batch's intents in one transaction; the dead letters to produce.
+    def apply(self, row: PaymentRow | None, event: OrderEvent, now: float) -> PaymentRow | None:
+        return apply_event(row, event, now)
 
-        A ``StoreError`` means nothing was committed: the batch must be redelivered.
-        """
-        if not batch:
-            return []
-        stats = IntentStats(batches=1, records=len(batch))
-        out: list[OutRecord] = []
-        first_dlq: str | None = None
-        work: list[tuple[InRecord, OrderEvent]] = []
-        # decode outside the transaction: CPU only, keeps the write lock short
-        for record in batch:
-            if record.topic == self.events_topic and event_kind(record.value) not in (
-                None,
-                *CONCERNS,
-            ):
-                stats.skipped += 1
-                continue
-            try:
-                task = self.decode(record)
-            except DecodeError as exc:
-                dlq = self.decode_dead_letter(record, exc)
-                out.append(dlq)
-                first_dlq = first_dlq or describe_dead_letter(record, dlq)
-                continue
-            if isinstance(task, OutRecord):
-                out.append(task)
-                first_dlq = first_dlq or describe_dead_letter(record, task)
-                continue
-            work.append((record, task))
-        if work:
-            now = self._clock()
-            with self.store.transaction():
-                rows = self.store.load({e.order_id for _, e in work})
-                changed: dict[str, PaymentRow] = {}
-
-                def step(record: InRecord, event: OrderEvent, _extra: bytes) -> None:
-                    before = rows.get(event.order_id)
-                    after = apply_event(before, event, now)
-                    if after is None or after is before:
-                        stats.unchanged += 1
-                        return
-                    rows[event.order_id] = changed[event.order_id] = after
-                    if before is None:
-                        stats.reserved += 1
-                    elif after.goal == "closed":
-                        stats.closed += 1
-                        stats.abandoned += after.state == "abandoned"
-                    else:
-                        stats.shipped += 1
-
-                def dead(record: InRecord, dlq: OutRecord) -> None:
-                    nonlocal first_dlq
-                    out.append(dlq)
-                    first_dlq = first_dlq or describe_dead_letter(record, dlq)
-
-                self.apply_guarded(((r, e, b"") for r, e in work), step, dead)
-                self.store.save(list(changed.values()))
-        stats.dlq = len(out)
-        if first_dlq is not None:
-            logger.warning(
-                "%s: %d record(s) dead-lettered, first: %s", self.service_name, len(out), first_dlq
-            )
-        self.stats.add(stats)
-        return out
+    def count(self, stats: IntentStats, before: PaymentRow | None, after: PaymentRow) -> None:
+        if before is None:
+            stats.reserved += 1
+        elif after.goal == "closed":
+            stats.closed += 1
+            stats.abandoned += after.state == "abandoned"
+        else:
+            stats.shipped += 1

@@ -37,9 +37,9 @@ stock again inside the transaction and checks its decisions against it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Final, Literal, NamedTuple, Protocol, get_args
+from typing import Any, Final, Literal, NamedTuple, Protocol, get_args
 
 import msgspec
 
@@ -160,6 +160,25 @@ class Reorder(NamedTuple):
     quantity: int
     opened_at: float
     due_at: float
+
+
+# The reads of the deadline sweep, the same SQL on both backends but for the placeholder:
+# ``{p}`` is ``?`` in SQLite, ``%s`` in PostgreSQL (each store formats them once).
+EXPIRED_RESERVATIONS_SQL: Final = (
+    "SELECT order_id, expires_at FROM orders"
+    " WHERE status = 'RESERVED' AND expires_at <= {p}"
+    " ORDER BY expires_at LIMIT {p}"
+)
+DUE_REORDERS_SQL: Final = (
+    "SELECT restock_id, sku, quantity, opened_at, due_at FROM reorders"
+    " WHERE applied_at IS NULL AND due_at <= {p} ORDER BY due_at LIMIT {p}"
+)
+
+
+def reorder_of(values: Sequence[Any]) -> Reorder:
+    """A row of ``DUE_REORDERS_SQL`` (PostgreSQL may hand its quantity over as a decimal)."""
+    restock_id, sku, quantity, opened_at, due_at = values
+    return Reorder(restock_id, sku, int(quantity), opened_at, due_at)
 
 
 class AppliedRestock(NamedTuple):

@@ -10,7 +10,8 @@ event, nor an event produced for an outcome that was rolled back.
 Claims carry a lease (``claimed_until``): of N instances sharing one database, one
 produces a row at a time; a row whose claimer died is claimed again once its lease ran
 out. The SQL lives here once for both backends (``SqliteOutbox``, ``PostgresOutbox``);
-each store calls them inside its own transactions.
+each store calls them inside its own transactions, and takes the methods the publisher
+calls from ``WithOutbox``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,42 @@ class OutboxStore(Protocol):
         ...
 
     def unpublished_count(self) -> int: ...
+
+
+class OutboxTable(Protocol):
+    """The outbox of one store: ``SqliteOutbox`` or ``PostgresOutbox``."""
+
+    def add(self, records: Sequence[OutboxRecord], now: float) -> None: ...
+
+    def claim(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]: ...
+
+    def mark_published(self, ids: Sequence[int], now: float) -> None: ...
+
+    def release(self, ids: Sequence[int]) -> None: ...
+
+    def unpublished_count(self) -> int: ...
+
+
+class WithOutbox:
+    """``add_outbox`` and the ``OutboxStore`` methods of a store, over ``self._outbox``."""
+
+    _outbox: OutboxTable
+
+    def add_outbox(self, records: Sequence[OutboxRecord], now: float) -> None:
+        """Record events to publish; inside the store's open transaction."""
+        self._outbox.add(records, now)
+
+    def claim_outbox(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
+        return self._outbox.claim(now, lease_s, limit)
+
+    def mark_published(self, ids: Sequence[int], now: float) -> None:
+        self._outbox.mark_published(ids, now)
+
+    def release_outbox(self, ids: Sequence[int]) -> None:
+        self._outbox.release(ids)
+
+    def unpublished_count(self) -> int:
+        return self._outbox.unpublished_count()
 
 
 SQLITE_TABLE: Final = (

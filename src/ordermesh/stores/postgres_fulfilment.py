@@ -14,7 +14,8 @@ from contextlib import AbstractContextManager
 from typing import Final
 
 from ordermesh.stores.fulfilment import ShipmentRow
-from ordermesh.stores.outbox import POSTGRES_TABLE, OutboxRecord, OutboxRow, PostgresOutbox
+from ordermesh.stores.order_rows import PostgresOrderRows
+from ordermesh.stores.outbox import POSTGRES_TABLE, PostgresOutbox, WithOutbox
 from ordermesh.stores.postgres import PgMigration, PostgresDatabase
 
 SCHEMA: Final = "fulfilment"
@@ -41,41 +42,26 @@ MIGRATIONS: Final = (
     ),
 )
 
-_UPSERT: Final = (
-    f"INSERT INTO shipments ({_COLUMN_LIST}) VALUES (%s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (order_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in ShipmentRow._fields[1:])
-)
 
-
-class PostgresFulfilmentStore:
+class PostgresFulfilmentStore(WithOutbox):
     """Shipments and their outbox in PostgreSQL; one object per thread."""
 
     def __init__(self, url: str, *, pool_size: int = 2) -> None:
         self._db = PostgresDatabase(url, name=SCHEMA, migrations=MIGRATIONS, max_size=pool_size)
         self.label = self._db.label
         self._outbox = PostgresOutbox(self._db)
+        self._rows = PostgresOrderRows(
+            self._db, "shipments", ShipmentRow._fields, ShipmentRow._make
+        )
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._db.transaction()
 
     def load(self, order_ids: Collection[str]) -> dict[str, ShipmentRow]:
-        if not order_ids:
-            return {}
-        lock = " ORDER BY order_id FOR UPDATE" if self._db.in_transaction else ""
-        with self._db.reader("load shipments") as conn:
-            rows = conn.execute(
-                f"SELECT {_COLUMN_LIST} FROM shipments WHERE order_id = ANY(%s){lock}",
-                (sorted(order_ids),),
-            ).fetchall()
-        return {row[0]: ShipmentRow(*row) for row in rows}
+        return self._rows.load(order_ids)
 
     def save(self, rows: Sequence[ShipmentRow]) -> None:
-        if not rows:
-            return
-        conn = self._db.writer()
-        with self._db.translate("save shipments"), conn.cursor() as cur:
-            cur.executemany(_UPSERT, [tuple(r) for r in sorted(rows)])
+        self._rows.save(rows)
 
     def claim_due(self, now: float, limit: int) -> list[ShipmentRow]:
         conn = self._db.writer()
@@ -87,29 +73,8 @@ class PostgresFulfilmentStore:
             ).fetchall()
         return [ShipmentRow(*row) for row in rows]
 
-    def add_outbox(self, records: Sequence[OutboxRecord], now: float) -> None:
-        self._outbox.add(records, now)
-
     def scheduled_count(self) -> int:
-        with self._db.reader("count scheduled shipments") as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM shipments WHERE state = 'scheduled'"
-            ).fetchone()
-        return int(row[0]) if row else 0
-
-    # --- outbox ---------------------------------------------------------------------
-
-    def claim_outbox(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
-        return self._outbox.claim(now, lease_s, limit)
-
-    def mark_published(self, ids: Sequence[int], now: float) -> None:
-        self._outbox.mark_published(ids, now)
-
-    def release_outbox(self, ids: Sequence[int]) -> None:
-        self._outbox.release(ids)
-
-    def unpublished_count(self) -> int:
-        return self._outbox.unpublished_count()
+        return self._rows.count("count scheduled shipments", "state = 'scheduled'")
 
     def close(self) -> None:
         self._db.close()

@@ -45,6 +45,8 @@ from typing import Final
 
 from ordermesh.errors import StoreConflictError
 from ordermesh.stores.inventory import (
+    DUE_REORDERS_SQL,
+    EXPIRED_RESERVATIONS_SQL,
     MAX_STOCK,
     AppliedRestock,
     KnownOrder,
@@ -62,6 +64,7 @@ from ordermesh.stores.inventory import (
     decode_items,
     decode_step_events,
     encode_items,
+    reorder_of,
     step_columns,
     sum_levels,
 )
@@ -262,6 +265,8 @@ _INSERT_REORDERS: Final = """
     SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::float8[])
     ON CONFLICT DO NOTHING
 """
+_EXPIRED_RESERVATIONS: Final = EXPIRED_RESERVATIONS_SQL.format(p="%s")
+_DUE_REORDERS: Final = DUE_REORDERS_SQL.format(p="%s")
 _STOCK_LEVELS: Final = """
     SELECT s.sku,
         COALESCE(SUM(m.quantity) FILTER (WHERE m.kind = 'seed'), 0),
@@ -390,22 +395,13 @@ class PostgresInventoryStore:
 
     def expired_reservations(self, now: float, limit: int) -> list[tuple[str, float]]:
         with self._db.reader("read expired reservations") as conn:
-            rows = conn.execute(
-                "SELECT order_id, expires_at FROM orders"
-                " WHERE status = 'RESERVED' AND expires_at <= %s"
-                " ORDER BY expires_at LIMIT %s",
-                (now, limit),
-            ).fetchall()
+            rows = conn.execute(_EXPIRED_RESERVATIONS, (now, limit)).fetchall()
         return [(order_id, float(at)) for order_id, at in rows]
 
     def due_reorders(self, now: float, limit: int) -> list[Reorder]:
         with self._db.reader("read due reorders") as conn:
-            rows = conn.execute(
-                "SELECT restock_id, sku, quantity, opened_at, due_at FROM reorders"
-                " WHERE applied_at IS NULL AND due_at <= %s ORDER BY due_at LIMIT %s",
-                (now, limit),
-            ).fetchall()
-        return [Reorder(row[0], row[1], int(row[2]), row[3], row[4]) for row in rows]
+            rows = conn.execute(_DUE_REORDERS, (now, limit)).fetchall()
+        return [reorder_of(row) for row in rows]
 
     def movements_total(self) -> dict[str, int]:
         with self._db.reader("read movements") as conn:

@@ -15,12 +15,12 @@ from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
-from ordermesh.stores.outbox import POSTGRES_TABLE, OutboxRecord, OutboxRow, PostgresOutbox
+from ordermesh.stores.order_rows import PostgresOrderRows
+from ordermesh.stores.outbox import POSTGRES_TABLE, PostgresOutbox, WithOutbox
 from ordermesh.stores.payments import PaymentRow
 from ordermesh.stores.postgres import PgMigration, PostgresDatabase
 
 SCHEMA: Final = "payments"
-_COLUMN_LIST: Final = ", ".join(PaymentRow._fields)
 
 # Append only: the n-th step brings the schema to version n (stores/postgres.py).
 MIGRATIONS: Final = (
@@ -54,49 +54,28 @@ MIGRATIONS: Final = (
     ),
 )
 
-_UPSERT: Final = (
-    f"INSERT INTO payments ({_COLUMN_LIST}) VALUES ({', '.join(['%s'] * len(PaymentRow._fields))})"
-    " ON CONFLICT (order_id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in PaymentRow._fields[1:])
-)
-
 
 def _row(values: Sequence[Any]) -> PaymentRow:
     return PaymentRow(*values)
 
 
-class PostgresPaymentsStore:
+class PostgresPaymentsStore(WithOutbox):
     """The payments rows and outbox in PostgreSQL; one object per thread."""
 
     def __init__(self, url: str, *, pool_size: int = 2) -> None:
         self._db = PostgresDatabase(url, name=SCHEMA, migrations=MIGRATIONS, max_size=pool_size)
         self.label = self._db.label
         self._outbox = PostgresOutbox(self._db)
+        self._rows = PostgresOrderRows(self._db, "payments", PaymentRow._fields, _row)
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._db.transaction()
 
     def load(self, order_ids: Collection[str]) -> dict[str, PaymentRow]:
-        if not order_ids:
-            return {}
-        lock = " ORDER BY order_id FOR UPDATE" if self._db.in_transaction else ""
-        with self._db.reader("load payments") as conn:
-            rows = conn.execute(
-                f"SELECT {_COLUMN_LIST} FROM payments WHERE order_id = ANY(%s){lock}",
-                (sorted(order_ids),),
-            ).fetchall()
-        return {row[0]: _row(row) for row in rows}
+        return self._rows.load(order_ids)
 
     def save(self, rows: Sequence[PaymentRow]) -> None:
-        if not rows:
-            return
-        conn = self._db.writer()
-        ordered = sorted(rows)  # one lock order for every writer
-        with self._db.translate("save payments"), conn.cursor() as cur:
-            cur.executemany(_UPSERT, [tuple(r) for r in ordered])
-
-    def add_outbox(self, records: Sequence[OutboxRecord], now: float) -> None:
-        self._outbox.add(records, now)
+        self._rows.save(rows)
 
     def claim(self, now: float, lease_s: float, limit: int, token: str) -> list[PaymentRow]:
         with self._db.transaction():
@@ -114,23 +93,7 @@ class PostgresPaymentsStore:
         return sorted((_row(r) for r in rows), key=lambda r: r.due_at)
 
     def due_count(self) -> int:
-        with self._db.reader("count due payments") as conn:
-            row = conn.execute("SELECT count(*) FROM payments WHERE op IS NOT NULL").fetchone()
-        return int(row[0]) if row else 0
-
-    # --- outbox ---------------------------------------------------------------------
-
-    def claim_outbox(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
-        return self._outbox.claim(now, lease_s, limit)
-
-    def mark_published(self, ids: Sequence[int], now: float) -> None:
-        self._outbox.mark_published(ids, now)
-
-    def release_outbox(self, ids: Sequence[int]) -> None:
-        self._outbox.release(ids)
-
-    def unpublished_count(self) -> int:
-        return self._outbox.unpublished_count()
+        return self._rows.count("count due payments", "op IS NOT NULL")
 
     def close(self) -> None:
         self._db.close()

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Final
 
 from ordermesh.stores.fulfilment import ShipmentRow
-from ordermesh.stores.outbox import SQLITE_TABLE, OutboxRecord, OutboxRow, SqliteOutbox
+from ordermesh.stores.order_rows import SqliteOrderRows
+from ordermesh.stores.outbox import SQLITE_TABLE, SqliteOutbox, WithOutbox
 from ordermesh.stores.sqlite import Migration, SqliteDatabase, statements
 
 _COLUMN_LIST: Final = ", ".join(ShipmentRow._fields)
@@ -39,7 +40,7 @@ MIGRATIONS: Final = (
 )
 
 
-class SqliteFulfilmentStore:
+class SqliteFulfilmentStore(WithOutbox):
     """Shipments and their outbox in a SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -47,22 +48,16 @@ class SqliteFulfilmentStore:
         self._db = SqliteDatabase(path, name="fulfilment", migrations=MIGRATIONS)
         self._db.connection()
         self._outbox = SqliteOutbox(self._db)
+        self._rows = SqliteOrderRows(self._db, "shipments", ShipmentRow._fields, ShipmentRow._make)
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._db.transaction()
 
     def load(self, order_ids: Collection[str]) -> dict[str, ShipmentRow]:
-        rows = self._db.select_in(
-            f"SELECT {_COLUMN_LIST} FROM shipments WHERE order_id IN ({{marks}})", order_ids
-        )
-        return {row[0]: ShipmentRow(*row) for row in rows}
+        return self._rows.load(order_ids)
 
     def save(self, rows: Sequence[ShipmentRow]) -> None:
-        self._db.write_many(
-            "save shipments",
-            f"INSERT OR REPLACE INTO shipments ({_COLUMN_LIST}) VALUES (?, ?, ?, ?, ?, ?)",
-            list(rows),
-        )
+        self._rows.save(rows)
 
     def claim_due(self, now: float, limit: int) -> list[ShipmentRow]:
         conn = self._db.writer()
@@ -74,29 +69,8 @@ class SqliteFulfilmentStore:
             ).fetchall()
         return [ShipmentRow(*row) for row in rows]
 
-    def add_outbox(self, records: Sequence[OutboxRecord], now: float) -> None:
-        self._outbox.add(records, now)
-
     def scheduled_count(self) -> int:
-        with self._db.read("count scheduled shipments") as conn:
-            (count,) = conn.execute(
-                "SELECT count(*) FROM shipments WHERE state = 'scheduled'"
-            ).fetchone()
-        return int(count)
-
-    # --- outbox ---------------------------------------------------------------------
-
-    def claim_outbox(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
-        return self._outbox.claim(now, lease_s, limit)
-
-    def mark_published(self, ids: Sequence[int], now: float) -> None:
-        self._outbox.mark_published(ids, now)
-
-    def release_outbox(self, ids: Sequence[int]) -> None:
-        self._outbox.release(ids)
-
-    def unpublished_count(self) -> int:
-        return self._outbox.unpublished_count()
+        return self._rows.count("count scheduled shipments", "state = 'scheduled'")
 
     def close(self) -> None:
         self._db.close()

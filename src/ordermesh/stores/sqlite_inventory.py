@@ -22,6 +22,8 @@ from typing import Final
 
 from ordermesh.errors import StoreConflictError
 from ordermesh.stores.inventory import (
+    DUE_REORDERS_SQL,
+    EXPIRED_RESERVATIONS_SQL,
     AppliedRestock,
     KnownOrder,
     NewCancellation,
@@ -38,6 +40,7 @@ from ordermesh.stores.inventory import (
     decode_items,
     decode_step_events,
     encode_items,
+    reorder_of,
     step_columns,
     sum_levels,
 )
@@ -182,6 +185,8 @@ def _lifecycle(conn: sqlite3.Connection) -> None:
 
 
 _STOCK_COLUMNS: Final = "sku, available, reserved, committed, shipped"
+_EXPIRED_RESERVATIONS: Final = EXPIRED_RESERVATIONS_SQL.format(p="?")
+_DUE_REORDERS: Final = DUE_REORDERS_SQL.format(p="?")
 
 
 class SqliteInventoryStore:
@@ -304,22 +309,13 @@ class SqliteInventoryStore:
 
     def expired_reservations(self, now: float, limit: int) -> list[tuple[str, float]]:
         with self._db.read("read expired reservations") as conn:
-            rows = conn.execute(
-                "SELECT order_id, expires_at FROM orders"
-                " WHERE status = 'RESERVED' AND expires_at <= ?"
-                " ORDER BY expires_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
+            rows = conn.execute(_EXPIRED_RESERVATIONS, (now, limit)).fetchall()
         return [(order_id, float(at)) for order_id, at in rows]
 
     def due_reorders(self, now: float, limit: int) -> list[Reorder]:
         with self._db.read("read due reorders") as conn:
-            rows = conn.execute(
-                "SELECT restock_id, sku, quantity, opened_at, due_at FROM reorders"
-                " WHERE applied_at IS NULL AND due_at <= ? ORDER BY due_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
-        return [Reorder(*row) for row in rows]
+            rows = conn.execute(_DUE_REORDERS, (now, limit)).fetchall()
+        return [reorder_of(row) for row in rows]
 
     def order_outcomes(self) -> dict[str, OrderOutcome]:
         with self._db.read("read orders") as conn:

@@ -12,7 +12,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Final
 
-from ordermesh.stores.outbox import SQLITE_TABLE, OutboxRecord, OutboxRow, SqliteOutbox
+from ordermesh.stores.order_rows import SqliteOrderRows
+from ordermesh.stores.outbox import SQLITE_TABLE, SqliteOutbox, WithOutbox
 from ordermesh.stores.payments import PaymentRow
 from ordermesh.stores.sqlite import Migration, SqliteDatabase, statements
 
@@ -58,7 +59,11 @@ def _row(values: Sequence[Any]) -> PaymentRow:
     return row._replace(started=bool(row.started))
 
 
-class SqlitePaymentsStore:
+def _values(row: PaymentRow) -> tuple[Any, ...]:
+    return (*row[:9], int(row.started), *row[10:])
+
+
+class SqlitePaymentsStore(WithOutbox):
     """The payments rows and outbox in a SQLite file."""
 
     def __init__(self, path: Path) -> None:
@@ -66,26 +71,16 @@ class SqlitePaymentsStore:
         self._db = SqliteDatabase(path, name="payments", migrations=MIGRATIONS)
         self._db.connection()
         self._outbox = SqliteOutbox(self._db)
+        self._rows = SqliteOrderRows(self._db, "payments", COLUMNS, _row, _values)
 
     def transaction(self) -> AbstractContextManager[None]:
         return self._db.transaction()
 
     def load(self, order_ids: Collection[str]) -> dict[str, PaymentRow]:
-        rows = self._db.select_in(
-            f"SELECT {_COLUMN_LIST} FROM payments WHERE order_id IN ({{marks}})", order_ids
-        )
-        return {row[0]: _row(row) for row in rows}
+        return self._rows.load(order_ids)
 
     def save(self, rows: Sequence[PaymentRow]) -> None:
-        marks = ", ".join("?" * len(COLUMNS))
-        self._db.write_many(
-            "save payments",
-            f"INSERT OR REPLACE INTO payments ({_COLUMN_LIST}) VALUES ({marks})",
-            [(*row[:9], int(row.started), *row[10:]) for row in rows],
-        )
-
-    def add_outbox(self, records: Sequence[OutboxRecord], now: float) -> None:
-        self._outbox.add(records, now)
+        self._rows.save(rows)
 
     def claim(self, now: float, lease_s: float, limit: int, token: str) -> list[PaymentRow]:
         db = self._db
@@ -117,23 +112,7 @@ class SqlitePaymentsStore:
         return claimed
 
     def due_count(self) -> int:
-        with self._db.read("count due payments") as conn:
-            (due,) = conn.execute("SELECT count(*) FROM payments WHERE op IS NOT NULL").fetchone()
-        return int(due)
-
-    # --- outbox ---------------------------------------------------------------------
-
-    def claim_outbox(self, now: float, lease_s: float, limit: int) -> list[OutboxRow]:
-        return self._outbox.claim(now, lease_s, limit)
-
-    def mark_published(self, ids: Sequence[int], now: float) -> None:
-        self._outbox.mark_published(ids, now)
-
-    def release_outbox(self, ids: Sequence[int]) -> None:
-        self._outbox.release(ids)
-
-    def unpublished_count(self) -> int:
-        return self._outbox.unpublished_count()
+        return self._rows.count("count due payments", "op IS NOT NULL")
 
     def close(self) -> None:
         self._db.close()
