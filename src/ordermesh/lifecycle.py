@@ -207,8 +207,7 @@ def markdown_table() -> str:
         "|---|---|---|---|---|",
     ]
     rows += [
-        f"| {t.source} | `{t.event}` | {t.target} | {t.owner} | {t.trigger} |"
-        for t in TRANSITIONS
+        f"| {t.source} | `{t.event}` | {t.target} | {t.owner} | {t.trigger} |" for t in TRANSITIONS
     ]
     rows += [f"| — | `{f.event}` | — | {f.owner} | {f.meaning} |" for f in FACTS]
     return "\n".join(rows) + "\n"

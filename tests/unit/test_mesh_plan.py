@@ -60,7 +60,13 @@ def test_scaled_plans_pass_with_postgres() -> None:
     plan = MeshPlan(instances=parse_instances("inventory=3,tracker=2,api=2"), db="postgres")
     check_plan(plan, Settings(database_url=None))
     check_plan(MeshPlan(nodes=3, db="postgres"), Settings())
-    assert plan.instances == {"inventory": 3, "payments": 1, "fulfilment": 1, "tracker": 2, "api": 2}
+    assert plan.instances == {
+        "inventory": 3,
+        "payments": 1,
+        "fulfilment": 1,
+        "tracker": 2,
+        "api": 2,
+    }
 
 
 def test_one_instance_each_runs_on_sqlite() -> None:
