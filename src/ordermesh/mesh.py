@@ -19,7 +19,7 @@ from typing import Any, Final, Literal
 
 from ordermesh.broker.local import LocalCluster, free_ports, port_free
 from ordermesh.config import Settings
-from ordermesh.errors import ConfigError, OrderMeshError
+from ordermesh.errors import ConfigError, OrderMeshError, StoreError
 from ordermesh.kafka.admin import ensure_topics
 from ordermesh.kafka.client import kafka_errors, make_admin
 from ordermesh.kafka.lag import group_lag
@@ -30,6 +30,7 @@ from ordermesh.stores.factory import backend, migrate, open_inventory_store
 from ordermesh.supervisor import Supervisor
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.topology import SERVICES, group_topics, scalable
+from ordermesh.verify import held_work
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,17 @@ class Mesh:
         except OrderMeshError as exc:
             log.info("drain check: %s", exc)
             return False
-        return all(v == 0 for v in lags)
+        if not all(v == 0 for v in lags):
+            return False
+        # payments' and fulfilment's work outlives their offsets: calls due, parcels
+        # being packed, events not yet published
+        if not self.plan.lifecycle:
+            return True
+        try:
+            return held_work(self.settings) == 0
+        except StoreError as exc:
+            log.info("drain check: %s", exc)
+            return False
 
     def groups(self) -> dict[str, tuple[str, ...]]:
         """The consumer groups of the services this mesh runs, with their topics."""

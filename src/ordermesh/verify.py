@@ -63,7 +63,13 @@ from ordermesh.kafka.client import kafka_errors
 from ordermesh.kafka.lag import committed_offsets, group_lag
 from ordermesh.kafka.reader import end_offsets, read_topic
 from ordermesh.records import ERROR_HEADER_PREFIX, header
-from ordermesh.stores.factory import open_inventory_store, open_order_queries
+from ordermesh.stores.factory import (
+    backend,
+    open_fulfilment_store,
+    open_inventory_store,
+    open_order_queries,
+    open_payments_store,
+)
 from ordermesh.stores.inventory import StockRow
 from ordermesh.topics import COMMANDS, DLQ, EVENTS, ORDERS
 from ordermesh.topology import group_topics
@@ -677,6 +683,39 @@ def _read_tracker(settings: Settings) -> dict[str, str]:
         store.close()
 
 
+def held_work(settings: Settings) -> int:
+    """Work payments and fulfilment hold in their stores and have not finished: gateway
+    calls due or retrying, shipments being packed, events not yet published. While any
+    is held, a life whose money or shipment is short is pending, not broken.
+
+    A store that does not exist (a deployment without the service) holds nothing; none
+    is created.
+    """
+    held = 0
+    sqlite = backend(settings) == "sqlite"
+    if not sqlite or settings.payments_db_path().exists():
+        try:
+            payments = open_payments_store(settings)
+        except StoreError:
+            payments = None
+        if payments is not None:
+            try:
+                held += payments.due_count() + payments.unpublished_count()
+            finally:
+                payments.close()
+    if not sqlite or settings.fulfilment_db_path().exists():
+        try:
+            fulfilment = open_fulfilment_store(settings)
+        except StoreError:
+            fulfilment = None
+        if fulfilment is not None:
+            try:
+                held += fulfilment.scheduled_count() + fulfilment.unpublished_count()
+            finally:
+                fulfilment.close()
+    return held
+
+
 def _read_ledger(settings: Settings) -> tuple[dict[str, OrderSummary] | None, str]:
     """Every order's money in the gateway's ledger, or None and why it can't be read.
 
@@ -734,13 +773,19 @@ def audit_lives(
     money: Mapping[str, OrderSummary] | None,
     *,
     now: float | None = None,
+    held: int = 0,
 ) -> AuditReport:
-    """The audit of every order's life on the topics (and of its money, when given)."""
+    """The audit of every order's life on the topics (and of its money, when given).
+
+    ``held``: work payments and fulfilment still hold (``held_work``); while there is
+    any, no life is settled.
+    """
+    settled = events_settled(progress)
     return audit(
         obs.lives,
         money,
         now=time.time() if now is None else now,
-        settled=events_settled(progress),
+        settled=(lambda order_id, life: False) if held else settled,
         fulfilment_delay_s=settings.fulfilment_delay_s,
     )
 
@@ -760,7 +805,9 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
         tracker, tracker_error = (
             _read_or_error(_read_tracker, settings) if check_tracker else (None, "")
         )
-        # the ledger is a store too: read before the topics, whose events it follows
+        # the ledger is a store too: read before the topics, whose events it follows;
+        # the work held is read first, so what it finished shows in the ledger
+        held = held_work(settings)
         money, money_error = _read_ledger(settings)
         obs = observe(settings, progress)
 
@@ -780,7 +827,7 @@ def verify(settings: Settings, *, check_tracker: bool = True) -> VerifyReport:
     if money is None and any(progress.get(("payments", EVENTS), {}).values()):
         # payments ran, so its money is in a ledger verify must see
         report.violate("ledger_unreachable", f"the gateway's ledger: {money_error}")
-    report.add_audit(audit_lives(settings, obs, progress, money))
+    report.add_audit(audit_lives(settings, obs, progress, money, held=held))
     return report
 
 

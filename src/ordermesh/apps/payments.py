@@ -162,7 +162,11 @@ class PaymentSteps:
                 task.add_done_callback(self._tasks.discard)
         self.stats.in_flight = len(self._tasks)
         mono = time.monotonic()
-        if moved or claimed or mono - self._last_due >= DUE_COUNT_EVERY_S:
+        # a count over the due rows: every few seconds while calls are in flight, not every
+        # round (that was a tenth of the process under load); at once when all settled
+        running = any(not task.done() for task in self._tasks)
+        settled = not running and (moved or bool(claimed))
+        if settled or mono - self._last_due >= DUE_COUNT_EVERY_S:
             self.stats.due = self.store.due_count()
             self._last_due = mono
         if mono - self._last_summary >= SUMMARY_EVERY_S:

@@ -63,11 +63,10 @@ from ordermesh.loadgen import DEFAULT_SKUS, random_seed, run_load
 from ordermesh.mesh import GATEWAY, Mesh, fetch_json
 from ordermesh.stores.factory import (
     backend,
-    open_fulfilment_store,
     open_order_queries,
-    open_payments_store,
 )
 from ordermesh.topics import COMMANDS, EVENTS
+from ordermesh.verify import held_work
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +155,6 @@ def _statuses(settings: Settings) -> dict[str, int]:
         store.close()
 
 
-def _held_work(settings: Settings) -> int:
-    payments = open_payments_store(settings)
-    try:
-        work = payments.due_count() + payments.unpublished_count()
-    finally:
-        payments.close()
-    fulfilment = open_fulfilment_store(settings)
-    try:
-        return work + fulfilment.scheduled_count() + fulfilment.unpublished_count()
-    finally:
-        fulfilment.close()
-
-
 def _topic_ends(settings: Settings) -> int:
     return sum(
         high
@@ -183,7 +169,7 @@ def _look(mesh: Mesh) -> LifeProgress:
         before = _topic_ends(settings)
         # lag first: whatever was consumed by then left its work in the stores read next
         lag = sum(_group_lag(settings, group) for group in mesh.groups())
-        work = _held_work(settings)
+        work = held_work(settings)
         statuses = _statuses(settings)
         after = _topic_ends(settings)
     return LifeProgress(statuses, work, lag, before, after)
