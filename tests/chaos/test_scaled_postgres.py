@@ -74,6 +74,8 @@ def test_three_inventories_two_trackers_on_postgres_survive_a_sigkill(
         topic_prefix=f"s{uuid.uuid4().hex[:10]}-",
         database_url=postgres_database,
         data_dir=tmp_path / "operator",
+        # scarce stock on purpose: no supplier refills it meanwhile
+        reorder_point=0,
     )
     reports = ensure_topics(make_admin(settings), settings)
     assert all(r.replication_factor == 3 for r in reports)
