@@ -239,10 +239,13 @@ class Settings(BaseSettings):
     gateway_lost_response_rate: float = Field(default=0.0, ge=0, le=1)
     gateway_hang_s: float = Field(default=300.0, gt=0)
     gateway_seed: int | None = None
+    # operations payments sends per request to the gateway (1: a request each)
+    gateway_batch_max: int = Field(default=100, ge=1, le=1000)
     # Payments: its own DB; gateway calls in flight at once per instance; how long one
     # call may take before its outcome counts as unknown (then looked up by its key)
     payments_db: Path | None = None
-    payments_concurrency: int = Field(default=128, ge=1)
+    # gateway operations in flight per payments instance (batched or not)
+    payments_concurrency: int = Field(default=4096, ge=1)
     payments_timeout_s: float = Field(default=5.0, gt=0)
     # Fulfilment: its own DB; the simulated pick-and-pack time of a paid order
     fulfilment_db: Path | None = None

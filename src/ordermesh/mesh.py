@@ -22,7 +22,7 @@ from ordermesh.config import Settings
 from ordermesh.errors import ConfigError, OrderMeshError, StoreError
 from ordermesh.kafka.admin import ensure_topics
 from ordermesh.kafka.client import kafka_errors, make_admin
-from ordermesh.kafka.lag import group_lag
+from ordermesh.kafka.lag import group_lag, offsets_snapshot
 from ordermesh.kafka.reader import end_offsets
 from ordermesh.loadgen import sku_name
 from ordermesh.postgres.local import LocalPostgres
@@ -313,16 +313,13 @@ class Mesh:
 
     def drained(self) -> bool:
         """Every stateful group has caught up (False while Kafka does not answer)."""
+        groups = {
+            g: [self.settings.topic(t) for t in of] for g, of in self.stateful_groups().items()
+        }
+        read = sorted({t for of in groups.values() for t in of})
         try:
             with kafka_errors(self.settings):
-                lags = [
-                    sum(
-                        group_lag(
-                            self.settings, g, [self.settings.topic(t) for t in topics]
-                        ).values()
-                    )
-                    for g, topics in self.stateful_groups().items()
-                ]
+                lags = offsets_snapshot(self.settings, read, groups).lag.values()
         except OrderMeshError as exc:
             log.info("drain check: %s", exc)
             return False
@@ -443,17 +440,14 @@ def mesh_status(
     Raises OrderMeshError (KafkaUnavailableError when nothing answers) for a Kafka error,
     which while the broker or a group coordinator warms up is transient.
     """
+    names = (ORDERS, EVENTS, DLQ, COMMANDS)
+    # a mesh's own services' groups: a mesh without payments has no payments lag
+    running = [_service_of(name) for name in supervisor.services] if supervisor else []
+    groups = {g: [settings.topic(t) for t in of] for g, of in groups_of(running).items()}
     with kafka_errors(settings):
-        topics = {
-            name: sum(high for _low, high in end_offsets(settings, settings.topic(name)).values())
-            for name in (ORDERS, EVENTS, DLQ, COMMANDS)
-        }
-        lag = {}
-        # a mesh's own services' groups: a mesh without payments has no payments lag
-        running = [_service_of(name) for name in supervisor.services] if supervisor else []
-        for group, group_topics in groups_of(running).items():
-            per_partition = group_lag(settings, group, [settings.topic(t) for t in group_topics])
-            lag[group] = sum(per_partition.values())
+        offsets = offsets_snapshot(settings, [settings.topic(n) for n in names], groups)
+    topics = {name: offsets.ends(settings.topic(name)) for name in names}
+    lag = offsets.lag
     snapshot = fetch_json(dashboard_url.rstrip("/") + "/snapshot") if dashboard_url else None
     services = {}
     if supervisor is not None:

@@ -33,6 +33,9 @@ class Fetch(NamedTuple):
 ORDER_PATH: Final = Fetch(16_384, 2)
 # Off it (analytics' windows, the DLQ logger): 100 ms at most, unseen on a dashboard.
 OFF_PATH: Final = Fetch(1_048_576, 100)
+# An order's later steps (payments and fulfilment acting on its events): 25 ms at most,
+# next to a card processor's 150 ms and a parcel's half second.
+LATER_STEPS: Final = Fetch(262_144, 25)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
         scalable=True,
         stateful=True,
         owns="one row per order and operation, with its idempotency key",
+        fetch=LATER_STEPS,
     ),
     ServiceSpec(
         "fulfilment",
@@ -107,6 +111,7 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
         scalable=True,
         stateful=True,
         owns="shipments",
+        fetch=LATER_STEPS,
     ),
     ServiceSpec(
         "tracker",

@@ -65,10 +65,12 @@ def kinds(events: list[Any]) -> list[str]:
 
 
 def start_gateway(
-    settings_factory: SettingsFactory, service_factory: Callable[..., ServiceProcess]
+    settings_factory: SettingsFactory,
+    service_factory: Callable[..., ServiceProcess],
+    **overrides: Any,
 ) -> tuple[Settings, ServiceProcess]:
     port = free_ports(1)[0]
-    settings = settings_factory(gateway_port=port, payments_timeout_s=1.0)
+    settings = settings_factory(gateway_port=port, payments_timeout_s=1.0, **overrides)
     gateway = service_factory(["gateway"], settings, "gateway")
 
     def up() -> bool:
@@ -138,7 +140,10 @@ def test_authorize_capture_void_refund_against_the_gateway(
 def test_kill_mid_stream_with_a_slow_gateway_authorizes_each_order_once(
     settings_factory: SettingsFactory, service_factory: Callable[..., ServiceProcess]
 ) -> None:
-    settings, _gateway = start_gateway(settings_factory, service_factory)
+    # small batches, few in flight: the kill finds batches out and orders not yet sent
+    settings, _gateway = start_gateway(
+        settings_factory, service_factory, gateway_batch_max=10, payments_concurrency=40
+    )
     # slow, with lost replies and hung calls: every unknown-outcome path runs
     set_faults(
         settings,

@@ -36,15 +36,24 @@ def test_the_bound_is_calls_in_flight_over_two_calls_of_the_mean_latency() -> No
     # a constant latency: the mean is the median
     assert gateway_bound(100, 100, concurrency=10) == {
         "mean_call_ms": 100.0,
+        "batch": 1,
         "in_flight": 10,
         "orders_per_s": 50.0,
     }
+    # in a batch of a constant latency, the slowest is as fast as any
+    assert gateway_bound(100, 100, concurrency=10, batch=50)["mean_call_ms"] == 100.0
     # the lognormal's tail lifts the mean above the median
     realistic = gateway_bound(150, 800, concurrency=128, instances=2)
     assert 190 < realistic["mean_call_ms"] < 200
     assert realistic["in_flight"] == 256
     assert realistic["orders_per_s"] == pytest.approx(
         256 / (2 * realistic["mean_call_ms"] / 1000), rel=1e-3
+    )
+    # a call in a batch waits for the slowest of its batch: of 100, near the p99
+    batched = gateway_bound(150, 800, concurrency=4096, batch=100)
+    assert 700 < batched["mean_call_ms"] < 1100
+    assert batched["orders_per_s"] == pytest.approx(
+        4096 / (2 * batched["mean_call_ms"] / 1000), rel=1e-3
     )
 
 

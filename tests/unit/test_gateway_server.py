@@ -1,9 +1,13 @@
 """The gateway's HTTP rules, on the real app under uvicorn in a thread, through
-``HttpGateway``: idempotency, state rules, faults, bad input and the ledger's reads."""
+``HttpGateway``: idempotency, state rules, faults, bad input and the ledger's reads.
+
+Every test runs twice: with a request per operation, and with the client batching the
+operations called together (``POST /v1/batch``), which must answer each call alike."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +25,14 @@ from tests.conftest import wait_for
 
 T = TypeVar("T")
 CARD = "4242424242424242"
+# operations per request of ``run``'s client (set per test by ``batch_max``)
+BATCH_MAX = 1
+
+
+@pytest.fixture(autouse=True, params=[1, 100], ids=["a-request-each", "batched"])
+def batch_max(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys.modules[__name__], "BATCH_MAX", request.param)
+    return int(request.param)
 
 
 @pytest.fixture
@@ -37,7 +49,9 @@ def run(
     max_connections: int = 16,
 ) -> T:
     async def main() -> T:
-        gateway = HttpGateway(url, timeout_s=timeout_s, max_connections=max_connections)
+        gateway = HttpGateway(
+            url, timeout_s=timeout_s, max_connections=max_connections, batch_max=BATCH_MAX
+        )
         try:
             return await scenario(gateway)
         finally:
@@ -276,3 +290,104 @@ def test_a_refused_connection_is_unavailable(tmp_path: Path) -> None:
     # nothing listens on the port once the socket closed
     with pytest.raises(GatewayUnavailableError, match="unreachable"):
         run(f"http://127.0.0.1:{port}", lambda gw: authorize(gw, "o1"))
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_calls_made_together_share_a_request_and_each_gets_its_own_answer(
+    gateway_url: str, batch_max: int
+) -> None:
+    async def scenario(gw: HttpGateway) -> list[Any]:
+        cards = [CARD if i % 10 else "4000000000000002" for i in range(250)]
+        return list(
+            await asyncio.gather(
+                *(authorize(gw, f"b{i}", cents=100 + i, card=card) for i, card in enumerate(cards))
+            )
+        )
+
+    outcomes = run(gateway_url, scenario, max_connections=64)
+    assert [o.key for o in outcomes] == [f"b{i}:authorize" for i in range(250)]
+    assert [o.amount_cents for o in outcomes] == [100 + i for i in range(250)]
+    assert [o.approved for o in outcomes] == [i % 10 != 0 for i in range(250)]
+    requests = _metric(gateway_url, "ordermesh_gateway_batch_requests_total")
+    # made in one turn of the loop: 100, 100 and 50 operations
+    assert requests == (3 if batch_max == 100 else 0)
+
+
+def test_a_batch_answers_each_operation_with_its_own_status(gateway_url: str) -> None:
+    auth = {
+        "operation": "authorize",
+        "order_id": "m1",
+        "amount_cents": 500,
+        "currency": "EUR",
+        "customer_id": "c1",
+    }
+    first = httpx.post(
+        gateway_url + "/v1/batch",
+        json={
+            "operations": [
+                {"key": "m1:authorize", **auth},
+                {"key": "m1:authorize", **auth},  # the same key again: its first answer
+                {"key": "m1:authorize", **auth, "amount_cents": 501},  # other parameters
+                {"key": "m2:authorize", **auth, "order_id": "m2", "amount_cents": -1},
+                {"key": "", **auth},
+                {"key": "m3:capture", "operation": "capture", "amount_cents": 5},
+                {"key": "m4:void", "operation": "void", "authorization_id": "auth_nope"},
+            ]
+        },
+    )
+    assert first.status_code == 200, first.text
+    results = first.json()["results"]
+    assert [r["status"] for r in results] == [200, 200, 409, 422, 400, 422, 200]
+    assert results[0]["outcome"]["approved"] and results[1]["replayed"]
+    assert results[1]["outcome"] == results[0]["outcome"]
+    assert not results[6]["outcome"]["approved"]  # an unknown authorization: refused
+    auth_id = results[0]["outcome"]["authorization_id"]
+    follow = httpx.post(
+        gateway_url + "/v1/batch",
+        json={
+            "operations": [
+                {
+                    "key": "m1:capture",
+                    "operation": "capture",
+                    "authorization_id": auth_id,
+                    "amount_cents": 500,
+                },
+                {
+                    "key": "m1:refund",
+                    "operation": "refund",
+                    "authorization_id": auth_id,
+                    "amount_cents": 200,
+                },
+            ]
+        },
+    ).json()["results"]
+    assert [(r["status"], r["outcome"]["approved"]) for r in follow] == [(200, True), (200, True)]
+    entries = httpx.get(gateway_url + "/v1/ledger").json()["entries"]
+    assert [(e["key"], e["approved"]) for e in entries] == [
+        ("m1:authorize", True),
+        ("m4:void", False),
+        ("m1:capture", True),
+        ("m1:refund", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"operations": []}, 422),
+        ({"operations": [{"key": "k", "operation": "pay"}]}, 422),
+        ({"operations": [{"key": "k", "operation": "void", "extra": 1}]}, 422),
+        ({"ops": []}, 422),
+        ({"operations": [{"key": "k", "operation": "void"}] * 1001}, 422),
+    ],
+)
+def test_a_malformed_batch_is_a_problem(gateway_url: str, body: Any, status: int) -> None:
+    response = httpx.post(gateway_url + "/v1/batch", json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"

@@ -14,9 +14,10 @@ the same broker and in the same run, so a noisy machine slows both alike:
   way). Then ``verify`` (the gateway still serving its ledger) audits every life.
 - ``realistic``: the same with a card processor's latency at the gateway (p50 150 ms,
   p99 800 ms by default); payments keeps up to ``payments_concurrency`` calls in flight,
-  so by Little's law it can finish at most ``concurrency / (2 × mean latency)`` orders/s
-  per instance (an authorize and a capture per order): ``gateway_bound`` says so beside
-  the measured rate.
+  sent in batches of ``gateway_batch_max``, so by Little's law it can finish at most
+  ``concurrency / (2 × mean time in flight)`` orders/s per instance (an authorize and a
+  capture per order, each answered with its batch's slowest): ``gateway_bound`` says so
+  beside the measured rate.
 - ``latency``: a fresh lifecycle mesh under a fixed rate, as ``bench.mesh.latency_run``:
   created → RESERVED (the ``OrderReserved`` record's timestamp minus ``created_at``, as
   the reservation-only runs measure created → decided) and created → SHIPPED (the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -82,6 +84,9 @@ REALISTIC_P99_MS: Final = 800.0
 # an authorize when the order is reserved, a capture when it ships
 GATEWAY_CALLS_PER_ORDER: Final = 2
 SHIPPED: Final = "SHIPPED"
+# the estimate of a batch's slowest call in ``gateway_bound``
+BOUND_SEED: Final = 1
+BOUND_SAMPLES: Final = 2000
 # how long a latency run's mesh may take after its load to finish every life
 SETTLE_S: Final = 90.0
 
@@ -94,17 +99,26 @@ def gateway_latency_options(p50_ms: float, p99_ms: float) -> tuple[str, ...]:
 
 
 def gateway_bound(
-    p50_ms: float, p99_ms: float, *, concurrency: int, instances: int = 1
+    p50_ms: float, p99_ms: float, *, concurrency: int, instances: int = 1, batch: int = 1
 ) -> dict[str, float]:
-    """The mean call latency of the gateway's lognormal and the orders/s that
-    ``instances`` payments processes with ``concurrency`` calls in flight each can finish
-    at most (Little's law: in flight = rate × time in flight)."""
+    """The mean time a call is in flight and the orders/s that ``instances`` payments
+    processes with ``concurrency`` calls in flight each can finish at most (Little's law:
+    in flight = rate × time in flight). A call sent in a batch of ``batch`` is answered
+    with the slowest of its batch: its time in flight is the mean of the largest of
+    ``batch`` draws of the gateway's lognormal (estimated with a fixed seed)."""
     latency = Latency.fitted(p50_ms, p99_ms)
-    mean_s = latency.median_s * math.exp(latency.sigma**2 / 2)
+    if batch <= 1:
+        mean_s = latency.median_s * math.exp(latency.sigma**2 / 2)
+    else:
+        rng = random.Random(BOUND_SEED)
+        draws = [max(latency.draw(rng) for _ in range(batch)) for _ in range(BOUND_SAMPLES)]
+        mean_s = sum(draws) / len(draws)
+    rate = concurrency * instances / (GATEWAY_CALLS_PER_ORDER * mean_s) if mean_s > 0 else 0.0
     return {
         "mean_call_ms": round(mean_s * 1000, 1),
+        "batch": batch,
         "in_flight": concurrency * instances,
-        "orders_per_s": round(concurrency * instances / (GATEWAY_CALLS_PER_ORDER * mean_s), 1),
+        "orders_per_s": round(rate, 1),
     }
 
 
@@ -347,6 +361,7 @@ def lifecycle_drains(
             realistic_p50_ms,
             realistic_p99_ms,
             concurrency=settings.payments_concurrency,
+            batch=settings.gateway_batch_max,
         )
         result["realistic"] = realistic
     return result

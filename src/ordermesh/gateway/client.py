@@ -16,6 +16,13 @@ How an HTTP result becomes an outcome (``gateway.protocol``):
 - any 4xx: ``GatewayError`` with the gateway's problem detail (a bug of the caller, such
   as a key reused with other parameters: retrying cannot help).
 
+Batches: with ``batch_max`` > 1 the operations called in one turn of the event loop go
+out together, up to ``batch_max`` per ``POST /v1/batch``, and each call still gets its
+own answer: the item's status maps as above (200, 503, 4xx), and a batch that fails as
+a whole (no answer, a 503, another 5xx) fails each of its calls as that call would have
+failed alone. A batch costs the gateway and payments one request instead of a hundred:
+measured in ``ordermesh bench mesh`` (docs/performance.md).
+
 ``open_gateway(settings)`` is the factory payments calls; a real provider's adapter is
 another ``PaymentGateway`` it returns (docs/payments.md).
 """
@@ -33,9 +40,12 @@ import msgspec
 
 from ordermesh.config import Settings
 from ordermesh.errors import GatewayError, GatewayUnavailableError, GatewayUnknownOutcomeError
-from ordermesh.gateway.protocol import Outcome, PaymentGateway
+from ordermesh.gateway.protocol import Operation, Outcome, PaymentGateway
 from ordermesh.gateway.wire import (
     DEFAULT_PAGE,
+    MAX_BATCH,
+    BatchReply,
+    BatchResult,
     LedgerPage,
     OperationBody,
     OrderSummary,
@@ -45,11 +55,15 @@ from ordermesh.gateway.wire import (
 # idle pooled connections are closed before the server's keep-alive ends theirs (30 s),
 # so a call rarely picks a connection the server is closing
 KEEPALIVE_EXPIRY_S: Final = 15.0
+# requests in flight at most, whatever the concurrency of operations
+MAX_CONNECTIONS: Final = 256
 
 _T = TypeVar("_T")
 _operation = msgspec.json.Decoder(OperationBody)
 _ledger_page = msgspec.json.Decoder(LedgerPage)
 _summary_page = msgspec.json.Decoder(SummaryPage)
+_batch_reply = msgspec.json.Decoder(BatchReply)
+_encode = msgspec.json.Encoder().encode
 
 
 class _Reply(NamedTuple):
@@ -72,19 +86,39 @@ def _problem_detail(reply: _Reply) -> str:
     return str(detail or reply.content[:200].decode("utf-8", "replace") or reply.reason)
 
 
+class _Queued(NamedTuple):
+    """An operation waiting for the next batch, and where its answer goes."""
+
+    item: dict[str, Any]
+    answer: asyncio.Future[Outcome]
+
+
 class HttpGateway:
     """An async ``PaymentGateway`` over one pooled ``aiohttp.ClientSession``.
 
-    ``max_connections`` bounds the calls in flight on the wire (more wait for a free
+    ``max_connections`` bounds the requests in flight on the wire (more wait for a free
     connection, up to ``timeout_s``); ``timeout_s`` bounds the connect and each read.
-    The session opens on the first call, on the loop that makes it.
+    ``batch_max``: operations per request (1: one request per operation, on the
+    operation's own endpoint). The session opens on the first call, on the loop that
+    makes it.
     """
 
-    def __init__(self, base_url: str, timeout_s: float = 5.0, max_connections: int = 128) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 5.0,
+        max_connections: int = 128,
+        batch_max: int = 1,
+    ) -> None:
+        if not 1 <= batch_max <= MAX_BATCH:
+            raise ValueError(f"batch_max must be in 1..{MAX_BATCH}, not {batch_max}")
         self.base_url = base_url.rstrip("/")
         self._timeout_s = timeout_s
         self._max_connections = max_connections
+        self._batch_max = batch_max
         self._session: aiohttp.ClientSession | None = None
+        self._queue: list[_Queued] = []
+        self._batches: set[asyncio.Task[None]] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -120,18 +154,18 @@ class HttpGateway:
             "customer_id": customer_id,
             "card": card,
         }
+        if self._batch_max > 1:
+            return await self._batched({"key": key, "operation": "authorize", **body})
         return await self._operate("/v1/authorizations", key, body)
 
     async def capture(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome:
-        path = f"{_auth_path(authorization_id)}/capture"
-        return await self._operate(path, key, {"amount_cents": amount_cents})
+        return await self._followup("capture", key, authorization_id, amount_cents)
 
     async def void(self, key: str, *, authorization_id: str) -> Outcome:
-        return await self._operate(f"{_auth_path(authorization_id)}/void", key, {})
+        return await self._followup("void", key, authorization_id, None)
 
     async def refund(self, key: str, *, authorization_id: str, amount_cents: int) -> Outcome:
-        path = f"{_auth_path(authorization_id)}/refund"
-        return await self._operate(path, key, {"amount_cents": amount_cents})
+        return await self._followup("refund", key, authorization_id, amount_cents)
 
     async def lookup(self, key: str) -> Outcome | None:
         response = await self._send("GET", "/v1/operations/" + quote(key, safe=""), read_only=True)
@@ -140,6 +174,11 @@ class HttpGateway:
         return self._decode(response, _operation).outcome()
 
     async def close(self) -> None:
+        # nobody waits for a batch still out any more: its calls were given up
+        for task in list(self._batches):
+            task.cancel()
+        if self._batches:
+            await asyncio.wait(set(self._batches), timeout=self._timeout_s)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -184,6 +223,70 @@ class HttpGateway:
             self._check(response)
         result: dict[str, Any] = response.json()
         return result
+
+    # --- batches -------------------------------------------------------------------------
+
+    async def _followup(
+        self, operation: Operation, key: str, authorization_id: str, amount_cents: int | None
+    ) -> Outcome:
+        body = {} if amount_cents is None else {"amount_cents": amount_cents}
+        if self._batch_max > 1:
+            item = {"key": key, "operation": operation, "authorization_id": authorization_id}
+            return await self._batched({**item, **body})
+        return await self._operate(f"{_auth_path(authorization_id)}/{operation}", key, body)
+
+    async def _batched(self, item: dict[str, Any]) -> Outcome:
+        """``item``'s outcome, sent with the other operations called in this loop turn."""
+        loop = asyncio.get_running_loop()
+        if not self._queue:
+            # after the calls already scheduled in this turn have queued theirs
+            loop.call_soon(self._flush)
+        answer: asyncio.Future[Outcome] = loop.create_future()
+        self._queue.append(_Queued(item, answer))
+        return await answer
+
+    def _flush(self) -> None:
+        queued, self._queue = self._queue, []
+        # a caller that gave up (its task cancelled) is not sent
+        queued = [q for q in queued if not q.answer.done()]
+        for start in range(0, len(queued), self._batch_max):
+            task = asyncio.create_task(self._send_batch(queued[start : start + self._batch_max]))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send_batch(self, queued: list[_Queued]) -> None:
+        try:
+            reply = await self._send(
+                "POST",
+                "/v1/batch",
+                data=_encode({"operations": [q.item for q in queued]}),
+                headers={"Content-Type": "application/json"},
+            )
+            results = self._decode(reply, _batch_reply).results
+            if len(results) != len(queued):
+                raise GatewayUnknownOutcomeError(
+                    f"{reply.where}: {len(results)} results for {len(queued)} operations"
+                )
+        except GatewayError as exc:
+            # the batch failed as a whole: each call as it would have alone
+            for q in queued:
+                _answer(q.answer, exception=type(exc)(str(exc)))
+            return
+        except BaseException as exc:
+            for q in queued:
+                _answer(q.answer, exception=GatewayUnknownOutcomeError(f"batch failed: {exc!r}"))
+            raise
+        for q, result in zip(queued, results, strict=True):
+            if result.key != q.item["key"]:
+                _answer(
+                    q.answer,
+                    exception=GatewayUnknownOutcomeError(
+                        f"{reply.where}: result for {result.key!r} where {q.item['key']!r} was"
+                        " expected"
+                    ),
+                )
+            else:
+                _answer_result(q.answer, reply.where, result)
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -231,6 +334,35 @@ class HttpGateway:
             raise GatewayUnknownOutcomeError(f"{response.where}: unreadable answer: {exc}") from exc
 
 
+def _answer(
+    future: asyncio.Future[Outcome],
+    *,
+    outcome: Outcome | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    if future.done():
+        return  # its caller gave up waiting
+    if exception is not None:
+        future.set_exception(exception)
+    elif outcome is not None:
+        future.set_result(outcome)
+
+
+def _answer_result(future: asyncio.Future[Outcome], where: str, result: BatchResult) -> None:
+    """One operation's result in a batch, mapped as its own call's answer would be."""
+    status = result.status
+    if status == 200 and result.outcome is not None:
+        _answer(future, outcome=result.outcome.outcome())
+    elif status == 503:
+        detail = f"{where} {result.key}: 503 not applied: {result.detail}"
+        _answer(future, exception=GatewayUnavailableError(detail))
+    elif 400 <= status < 500:
+        _answer(future, exception=GatewayError(f"{where} {result.key}: {status}: {result.detail}"))
+    else:
+        detail = f"{where} {result.key}: {status}: {result.detail or 'no outcome'}"
+        _answer(future, exception=GatewayUnknownOutcomeError(detail))
+
+
 def _auth_path(authorization_id: str) -> str:
     return "/v1/authorizations/" + quote(authorization_id, safe="")
 
@@ -240,7 +372,8 @@ def open_gateway(settings: Settings) -> PaymentGateway:
     return HttpGateway(
         settings.gateway_base_url(),
         timeout_s=settings.payments_timeout_s,
-        max_connections=settings.payments_concurrency,
+        max_connections=min(settings.payments_concurrency, MAX_CONNECTIONS),
+        batch_max=settings.gateway_batch_max,
     )
 
 

@@ -20,6 +20,11 @@ Per operation call, in this order (docs/payments.md):
 
 Look-ups get the latency and ``error_rate`` only: they change nothing, so a lost or hung
 look-up teaches a caller nothing a failed one does not.
+
+A batch (``POST /v1/batch``) is one request: it hangs or loses its reply as a whole, drawn
+once per request at the same rates (``request_fate``); each of its operations draws its
+own error, latency and decline (``item_fate``), and the reply comes once the slowest
+operation's latency has passed.
 """
 
 from __future__ import annotations
@@ -181,6 +186,27 @@ class Faults:
         if hang:
             return Fate(hang=True)
         return Fate(delay_s=delay, lose_reply=lose, decline_draw=decline_draw)
+
+    def request_fate(self) -> Fate:
+        """The fate of a batch request as a whole: held ``hang_s`` (nothing applied) or
+        its reply lost (everything applied)."""
+        if self._quiet:
+            return HEALTHY
+        rng, config = self._rng, self.config
+        hang = rng.random() < config.timeout_rate
+        lose = rng.random() < config.lost_response_rate
+        return Fate(hang=True) if hang else Fate(lose_reply=lose)
+
+    def item_fate(self) -> Fate:
+        """The fate of one operation of a batch: a 503 of its own, its latency, its
+        decline draw."""
+        if self._quiet:
+            return HEALTHY
+        rng = self._rng
+        error = rng.random() < self.config.error_rate
+        decline_draw = rng.random()
+        delay = self._latency.draw(rng)
+        return Fate(error=True) if error else Fate(delay_s=delay, decline_draw=decline_draw)
 
     def lookup_fate(self) -> Fate:
         """The fate of a look-up: latency and errors only."""

@@ -8,7 +8,10 @@ repeat with the same parameters answers the first answer, other parameters are a
 - ``POST /v1/authorizations/{id}/void`` {} (or no body)
 - ``POST /v1/authorizations/{id}/refund`` {amount_cents}
 
-each answering 200 with a ``wire.OperationBody``, approved or declined. Reads:
+each answering 200 with a ``wire.OperationBody``, approved or declined, and
+``POST /v1/batch`` {operations: [{key, operation, ...that call's body, authorization_id}]}
+answering 200 with one result per operation, in order (``wire.BatchReply``): the status
+its own call would have had, and its outcome. Reads:
 ``GET /v1/operations/{key}`` (404: never applied), ``GET /v1/ledger?after=&limit=``,
 ``GET /v1/ledger/orders?after=&limit=&order_id=``, ``GET /health``, ``GET /metrics``.
 Faults: ``GET``/``POST /admin/faults`` (``gateway.faults``). Bad input is a 4xx problem.
@@ -46,9 +49,14 @@ from ordermesh.gateway.ledger import Ledger
 from ordermesh.gateway.rules import Call, Decision, decide_followup, fingerprint, fold
 from ordermesh.gateway.wire import (
     DEFAULT_PAGE,
+    MAX_BATCH,
     MAX_PAGE,
     AmountBody,
     AuthorizeBody,
+    BatchBody,
+    BatchItem,
+    BatchReply,
+    BatchResult,
     OperationBody,
     VoidBody,
 )
@@ -56,6 +64,7 @@ from ordermesh.gateway.wire import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES: Final = 16 * 1024
+MAX_BATCH_BYTES: Final = MAX_BATCH * 1024
 SUMMARY_EVERY_S: Final = 10.0
 # how long a dropped connection waits for the server to notice it is gone
 DROP_WAIT_S: Final = 1.0
@@ -81,6 +90,16 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "ordermesh_gateway_calls_in_flight",
             "Operation calls received and not yet answered (delayed or held by a fault).",
+            registry=self.registry,
+        )
+        self.batch_requests = Counter(
+            "ordermesh_gateway_batch_requests",
+            "Batch requests (POST /v1/batch) received.",
+            registry=self.registry,
+        )
+        self.batch_operations = Counter(
+            "ordermesh_gateway_batch_operations",
+            "Operations received in batch requests.",
             registry=self.registry,
         )
         self._children: dict[tuple[str, str], Any] = {}
@@ -276,6 +295,62 @@ class Gateway:
             request, Call("refund", authorization_id=auth_id, amount_cents=body.amount_cents)
         )
 
+    async def batch(self, request: Request) -> Response:
+        """Many operations in one request, each decided as its own call would be."""
+        body = await _decode(request, BatchBody, limit=MAX_BATCH_BYTES)
+        items = body.operations
+        self.metrics.batch_requests.inc()
+        self.metrics.batch_operations.inc(len(items))
+        self.metrics.in_flight.inc(len(items))
+        try:
+            return await self._batch(request, items)
+        finally:
+            self.metrics.in_flight.dec(len(items))
+
+    async def _batch(self, request: Request, items: list[BatchItem]) -> Response:
+        whole = self.faults.request_fate()
+        if whole.hang:
+            for item in items:
+                self.metrics.count(item.operation, "timeout")
+            await _hold(request, self.faults.config.hang_s)
+            raise _unavailable("injected fault: the batch hung and was not applied")
+        fates = [self.faults.item_fate() for _ in items]
+        delay = max(fate.delay_s for fate in fates)
+        if delay > 0:
+            # an answer for all once the slowest is decided
+            await asyncio.sleep(delay)
+        results = [self._batch_item(item, fate) for item, fate in zip(items, fates, strict=True)]
+        await self.commits.durable()
+        if whole.lose_reply:
+            for result in results:
+                if result.outcome is not None:
+                    self.metrics.count(result.outcome.operation, "lost")
+            return DropResponse()
+        return json_response(BatchReply(results))
+
+    def _batch_item(self, item: BatchItem, fate: Fate) -> BatchResult:
+        op = item.operation
+        if not valid_key(item.key):
+            self.metrics.count(op, "invalid")
+            return BatchResult(item.key, 400, detail="a key of 1..255 visible ASCII characters")
+        try:
+            call = _batch_call(item)
+        except msgspec.ValidationError as exc:
+            self.metrics.count(op, "invalid")
+            return BatchResult(item.key, 422, detail=f"invalid operation: {exc}")
+        if fate.error:
+            self.metrics.count(op, "error")
+            return BatchResult(item.key, 503, detail="injected fault: nothing was applied")
+        try:
+            body, replayed = self._apply(item.key, call, fate)
+        except HTTPProblem as problem:
+            return BatchResult(item.key, problem.status_code, detail=str(problem.detail))
+        if replayed:
+            self.metrics.count(op, "replayed")
+        else:
+            self.metrics.count(op, "approved" if body.approved else "declined")
+        return BatchResult(item.key, 200, outcome=body, replayed=replayed)
+
     async def _operate(self, request: Request, call: Call) -> Response:
         op = call.operation
         key = request.headers.get("idempotency-key")
@@ -433,18 +508,51 @@ def _unavailable(detail: str) -> HTTPProblem:
     return HTTPProblem(503, "unavailable", detail, headers={"Retry-After": "1"})
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPProblem(413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPProblem(413, "payload-too-large", f"request body over {limit} bytes")
     raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise HTTPProblem(413, "payload-too-large", f"request body over {MAX_BODY_BYTES} bytes")
+    if len(raw) > limit:
+        raise HTTPProblem(413, "payload-too-large", f"request body over {limit} bytes")
     return raw
 
 
-async def _decode(request: Request, kind: type[_B], *, empty_ok: bool = False) -> _B:
-    raw = await _read_body(request)
+def _batch_call(item: BatchItem) -> Call:
+    """The call one operation of a batch stands for, validated as that call's body is
+    (``msgspec.ValidationError`` otherwise)."""
+    op = item.operation
+    if op == "authorize":
+        auth = msgspec.convert(
+            {
+                "order_id": item.order_id,
+                "amount_cents": item.amount_cents,
+                "currency": item.currency,
+                "customer_id": item.customer_id,
+                "card": item.card,
+            },
+            AuthorizeBody,
+        )
+        return Call(
+            op,
+            order_id=auth.order_id,
+            amount_cents=auth.amount_cents,
+            currency=auth.currency,
+            customer_id=auth.customer_id,
+            card=auth.card,
+        )
+    if not 1 <= len(item.authorization_id) <= 64:
+        raise msgspec.ValidationError("authorization_id: 1..64 characters")
+    if op == "void":
+        return Call(op, authorization_id=item.authorization_id)
+    amount = msgspec.convert({"amount_cents": item.amount_cents}, AmountBody)
+    return Call(op, authorization_id=item.authorization_id, amount_cents=amount.amount_cents)
+
+
+async def _decode(
+    request: Request, kind: type[_B], *, empty_ok: bool = False, limit: int = MAX_BODY_BYTES
+) -> _B:
+    raw = await _read_body(request, limit)
     if not raw.strip():
         if empty_ok:
             raw = b"{}"
@@ -467,6 +575,7 @@ def create_gateway_app(db_path: Path, faults: FaultConfig | None = None) -> ASGI
         (by_id + "/capture", gateway.capture, ["POST"]),
         (by_id + "/void", gateway.void, ["POST"]),
         (by_id + "/refund", gateway.refund, ["POST"]),
+        ("/v1/batch", gateway.batch, ["POST"]),
         ("/v1/operations/{key:path}", gateway.lookup, ["GET"]),
         ("/v1/ledger", gateway.ledger_page, ["GET"]),
         ("/v1/ledger/orders", gateway.order_summaries, ["GET"]),

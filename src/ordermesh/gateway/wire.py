@@ -1,7 +1,9 @@
 """The gateway's HTTP bodies, shared by ``gateway.server`` and ``gateway.client``.
 
 Every call of an operation answers an ``OperationBody`` (200, a decline included);
-errors are RFC 9457 problems (``api.problems``). Amounts are integer cents.
+errors are RFC 9457 problems (``api.problems``). Amounts are integer cents. A batch
+(``BatchBody``) carries many operations in one request and answers a ``BatchReply``: one
+``BatchResult`` per operation, in order, each with the status its own call would have.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from ordermesh.gateway.protocol import Operation, Outcome
 MAX_CENTS: Final = 10**12
 MAX_PAGE: Final = 10_000
 DEFAULT_PAGE: Final = 1000
+# operations of one batch request at most
+MAX_BATCH: Final = 1000
 
 Cents = Annotated[int, Meta(ge=1, le=MAX_CENTS)]
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
@@ -66,6 +70,42 @@ class OperationBody(msgspec.Struct, frozen=True):
             reason=self.reason,
             at=self.at,
         )
+
+
+class BatchItem(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One operation of a batch: its idempotency key, and the body its own call would
+    have (``authorization_id`` for a capture, void or refund, as in the call's path)."""
+
+    key: str
+    operation: Operation
+    order_id: str = ""
+    amount_cents: int = 0
+    currency: str = ""
+    customer_id: str = ""
+    card: str = ""
+    authorization_id: str = ""
+
+
+class BatchBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/batch``: operations applied one by one, each under its own key."""
+
+    operations: Annotated[list[BatchItem], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class BatchResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One operation's answer in a batch: ``status`` 200 with its ``outcome`` (approved
+    or declined; ``replayed`` for a key applied before), or the status and detail of the
+    problem its own call would have answered (409, 422, 503: nothing applied)."""
+
+    key: str
+    status: int
+    outcome: OperationBody | None = None
+    replayed: bool = False
+    detail: str = ""
+
+
+class BatchReply(msgspec.Struct, frozen=True):
+    results: list[BatchResult]
 
 
 class LedgerPage(msgspec.Struct, frozen=True):
