@@ -97,6 +97,13 @@ def _take_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def _take_terminal_with_sigint_ignored() -> None:
+    """As ``_take_terminal``, with SIGINT ignored as a shell without job control leaves it
+    for a command it starts in the background: Ctrl-C must reach ``up`` all the same."""
+    _take_terminal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _read_pty(fd: int, seconds: float) -> bytes:
     out = b""
     end = time.monotonic() + seconds
@@ -133,7 +140,7 @@ def test_up_without_options_runs_a_load_until_ctrl_c_and_leaves_nothing(tmp_path
         env=env,
         # a session of its own with the pty as its controlling terminal: Ctrl-C typed
         # into the pty becomes SIGINT for it, as in a real terminal
-        preexec_fn=_take_terminal,
+        preexec_fn=_take_terminal_with_sigint_ignored,
     )
     os.close(slave)
     state_file = data / "mesh.json"

@@ -195,6 +195,8 @@ LIFECYCLE_SCENARIOS: Final[tuple[Scenario, ...]] = (
         "whole life: kill -9 payments while gateway calls are in flight (gateway p50 300 ms)",
         payments_kill,
         orders=(1000, 3000),
+        # in --quick: the one row of an order's whole life, and its money
+        quick=True,
         gateway_faults=("--latency-p50-ms", "300", "--latency-p99-ms", "1500"),
     ),
     _life(

@@ -198,9 +198,13 @@ def _live_numbers(status: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _stop_on_signals() -> None:
-    """SIGTERM and SIGHUP end ``up`` like Ctrl-C: everything it started is stopped."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGHUP, signal.default_int_handler)
+    """SIGTERM and SIGHUP end ``up`` like Ctrl-C: everything it started is stopped.
+
+    SIGINT too, explicitly: Python leaves it ignored when the parent ignored it (a shell
+    without job control starts every background command so), and then Ctrl-C did nothing.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
 
 
 @app.command("up")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, NamedTuple
+from typing import NamedTuple
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka import admin as kafka_admin
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, TopicPartition
 
 from ordermesh.config import Settings
 from ordermesh.errors import OrderMeshError
@@ -77,11 +75,6 @@ def group_lag(settings: Settings, group: str, topics: Sequence[str]) -> Partitio
         consumer.close()
 
 
-# the client's stubs do not export OffsetSpec
-EARLIEST: Final = kafka_admin.OffsetSpec.earliest()  # type: ignore[attr-defined,no-untyped-call]
-LATEST: Final = kafka_admin.OffsetSpec.latest()  # type: ignore[attr-defined,no-untyped-call]
-
-
 class OffsetsSnapshot(NamedTuple):
     """Every partition's watermarks and several groups' lag, read at once."""
 
@@ -103,55 +96,44 @@ def offsets_snapshot(
     timeout_s: float = 10.0,
 ) -> OffsetsSnapshot:
     """The watermarks of ``topics`` and the lag of each of ``groups`` (group -> its
-    topics, which must be among ``topics``), in three requests of one admin client.
+    topics, which must be among ``topics``): one metadata request, the watermarks on one
+    consumer, and one committed-offsets request per group.
 
-    ``group_lag`` per group makes a consumer and a round trip per partition: a live view
-    of six groups made hundreds of requests a second, and a Ctrl-C waited for each one.
+    ``group_lag`` and ``end_offsets`` per group and topic made a consumer and a metadata
+    request each: a live view of six groups made dozens of clients a second. (Not the
+    admin client's offset calls: ``list_consumer_group_offsets`` crashes the process in
+    librdkafka while a group's coordinator is not known yet, as on a fresh broker.)
     Raises ``KafkaException`` when the cluster does not answer (``kafka_errors`` turns it
-    into ours).
+    into ours), OrderMeshError for a topic that is not there.
     """
-    admin = AdminClient(common_config(settings))
-    metadata = admin.list_topics(timeout=timeout_s)
-    partitions: list[TopicPartition] = []
-    for topic in topics:
-        meta = metadata.topics.get(topic)
-        if meta is None or meta.error is not None:
-            raise OrderMeshError(f"topic {topic} not found")
-        partitions += [TopicPartition(topic, p) for p in meta.partitions]
-    low = _offsets(admin, partitions, EARLIEST, timeout_s)
-    high = _offsets(admin, partitions, LATEST, timeout_s)
-    watermarks: dict[str, dict[int, tuple[int, int]]] = {t: {} for t in topics}
-    for tp in partitions:
-        where = (tp.topic, tp.partition)
-        watermarks[tp.topic][tp.partition] = (low[where], high[where])
-    requests = {
-        group: admin.list_consumer_group_offsets(
-            [
-                ConsumerGroupTopicPartitions(
-                    settings.group(group), [tp for tp in partitions if tp.topic in set(of)]
-                )
-            ],
-            request_timeout=timeout_s,
-        )[settings.group(group)]
-        for group, of in groups.items()
-    }
+    conf = common_config(settings)
+    conf.update({"group.id": settings.group("offsets-reader"), "enable.auto.commit": False})
+    reader = Consumer(conf)
+    try:
+        metadata = reader.list_topics(timeout=timeout_s)
+        partitions: dict[str, list[int]] = {}
+        for topic in topics:
+            meta = metadata.topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise OrderMeshError(f"topic {topic} not found")
+            partitions[topic] = sorted(meta.partitions)
+        marks = {
+            topic: {p: watermarks(reader, topic, p) for p in numbers}
+            for topic, numbers in partitions.items()
+        }
+    finally:
+        reader.close()
     lag: dict[str, int] = {}
-    for group, future in requests.items():
+    for group, of in groups.items():
+        consumer = _group_reader(settings, group)
+        try:
+            asked = [TopicPartition(t, p) for t in of for p in partitions[t]]
+            committed = consumer.committed(asked, timeout=timeout_s)
+        finally:
+            consumer.close()
         total = 0
-        for tp in future.result(timeout=timeout_s).topic_partitions:
-            lo, hi = watermarks[tp.topic][tp.partition]
-            total += max(0, hi - (tp.offset if tp.offset >= 0 else lo))
+        for tp in committed:
+            low, high = marks[tp.topic][tp.partition]
+            total += max(0, high - (tp.offset if tp.offset >= 0 else low))
         lag[group] = total
-    return OffsetsSnapshot(watermarks, lag)
-
-
-def _offsets(
-    admin: AdminClient, partitions: list[TopicPartition], spec: Any, timeout_s: float
-) -> dict[tuple[str, int], int]:
-    if not partitions:
-        return {}
-    futures = admin.list_offsets({tp: spec for tp in partitions}, request_timeout=timeout_s)
-    return {
-        (tp.topic, tp.partition): int(future.result(timeout=timeout_s).offset)
-        for tp, future in futures.items()
-    }
+    return OffsetsSnapshot(marks, lag)
