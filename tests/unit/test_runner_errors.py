@@ -12,7 +12,7 @@ from ordermesh.config import Settings
 from ordermesh.errors import ConfigError
 from ordermesh.kafka.commits import InFlightBatch
 from ordermesh.kafka.producer import Delivery, is_permanent
-from ordermesh.kafka.runner import COMMIT_EVERY_S, BatchRunner
+from ordermesh.kafka.runner import COMMIT_EVERY_S, RECOMMIT_EVERY_S, BatchRunner
 from ordermesh.records import (
     ERROR_HEADER_PREFIX,
     ORIGINAL_SIZE_HEADER,
@@ -182,22 +182,20 @@ class _RecordingConsumer:
 def test_a_failed_commit_is_committed_again_for_partitions_still_owned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("ordermesh.kafka.runner.time.monotonic", lambda: clock[0])
     runner = _runner(monkeypatch)
     fake = _RecordingConsumer(fail=1)
     runner.consumer = fake  # type: ignore[assignment]
     runner.stats.assigned = {("a", 0), ("a", 1)}
     runner._commit([TopicPartition("a", 0, 10), TopicPartition("a", 1, 7)], asynchronous=True)
-    assert fake.commits == [] and runner._commit_failed
-
-    # an async failure reported later counts the same way
-    runner._commit_failed = False
-    runner._on_commit(KafkaError(KafkaError._TRANSPORT), [])
-    assert runner._commit_failed
+    assert fake.commits == []
+    assert runner.confirmations.unconfirmed() == {("a", 0): 10, ("a", 1): 7}
 
     runner._on_revoke(runner.consumer, [TopicPartition("a", 1)])  # no longer ours
-    runner._recommit(asynchronous=True)
+    clock[0] += RECOMMIT_EVERY_S
+    runner._recommit(clock[0], asynchronous=True)
     assert fake.commits == [[("a", 0, 10)]]
-    assert not runner._commit_failed
 
 
 def test_losing_every_partition_arms_the_rejoin_and_an_assignment_disarms_it(

@@ -123,15 +123,23 @@ class CommitQueue:
         return True
 
 
-def commit(consumer: Any, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
-    """Commit ``offsets`` for the consumer's group; CommitError when the client refuses."""
+def commit(
+    consumer: Any, offsets: list[TopicPartition], *, asynchronous: bool
+) -> list[TopicPartition] | None:
+    """Commit ``offsets`` for the consumer's group; CommitError when the client refuses.
+
+    Synchronously: the coordinator's answer, partition by partition (a commit refused for
+    only some partitions does not raise: their ``error`` says so). Asynchronously: None,
+    the answer comes to the consumer's ``on_commit``.
+    """
     try:
         if asynchronous:
             consumer.commit(offsets=offsets, asynchronous=True)
-        else:
-            consumer.commit(offsets=offsets, asynchronous=False)
+            return None
+        answer = consumer.commit(offsets=offsets, asynchronous=False)
     except KafkaException as exc:
         raise CommitError(f"commit of {_fmt(offsets)} failed: {exc}") from exc
+    return list(answer) if answer is not None else None
 
 
 def _fmt(offsets: list[TopicPartition]) -> str:

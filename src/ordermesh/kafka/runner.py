@@ -21,7 +21,17 @@ No input stops a partition for good, and none crashes the process:
   other partitions keep flowing.
 
 A stop (SIGTERM) waits at most ``STOP_DEADLINE_S`` for outstanding acknowledgements, then
-exits without committing what was not acknowledged: the next run redoes it.
+exits without committing what was not acknowledged: the next run redoes it. A revoke
+waits at most ``REVOKE_DEADLINE_S`` (the group waits for it only ``max.poll.interval.ms``),
+then lets the revoked partitions go without committing what of them was not
+acknowledged: their next owner redoes it. A fatal producer error stops the runner and
+commits nothing of the batch it hit, nor of any batch after it.
+
+Only partitions this member owns are committed, and a record of a partition revoked
+or lost after it was fetched is not handled: its next owner gets it again.
+
+Commits are asked again until the group coordinator confirms them, whatever the order in
+which it reports on them (``confirmations.py``).
 
 Which offsets may be committed when is decided in ``commits.py``; producing (with the
 back-off on a full local queue) goes through ``producer.Producer``.
@@ -30,7 +40,6 @@ back-off on a full local queue) goes through ``producer.Producer``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import threading
@@ -47,6 +56,7 @@ from ordermesh.errors import AckDeadlineError, CommitError, ConfigError, Deliver
 from ordermesh.kafka.assignment import Assignment, EveryPartition, Positions
 from ordermesh.kafka.client import make_consumer
 from ordermesh.kafka.commits import CommitQueue, InFlightBatch, commit
+from ordermesh.kafka.confirmations import Confirmations
 from ordermesh.kafka.metrics import RunnerMetrics, sample_lag
 from ordermesh.kafka.producer import Delivery, Producer, ProducerClient, is_permanent
 from ordermesh.records import (
@@ -76,7 +86,10 @@ LAG_SAMPLE_EVERY_S = 2.0
 SUMMARY_EVERY_S = 10.0
 # how long a stop may wait for acknowledgements before it gives up on them
 STOP_DEADLINE_S = 12.0
-# a failed commit is tried again this often while no new batch would commit
+# how long a revoke may wait for acknowledgements: it runs inside the consumer's poll, and
+# the group waits for it at most max.poll.interval.ms (120 s) before it fences the member
+REVOKE_DEADLINE_S = 10.0
+# a commit the coordinator has not confirmed this long after it was asked is asked again
 RECOMMIT_EVERY_S = 2.0
 # Offsets of done batches are committed at most this often (and always, synchronously,
 # before partitions move on or the runner stops). At low rates batches are small, and a
@@ -237,14 +250,14 @@ class BatchRunner:
         self.metrics = RunnerMetrics(name, settings.group(group))
         # read once: the hook costs one `is None` test per batch when unset
         self._fault, self._fault_after = _fault_from_env()
-        # the last offsets asked to be committed, and whether a commit of them failed:
-        # while idle, no new batch would ever commit them again
-        self._commit_target: dict[tuple[str, int], int] = {}
-        # what the group coordinator confirmed; a commit whose report never came (the
-        # coordinator moved or restarted meanwhile) shows as target > confirmed
-        self._confirmed: dict[tuple[str, int], int] = {}
-        self._commit_failed = False
+        # the offsets asked to be committed against what the coordinator confirmed: one
+        # whose commit failed, or whose report never came, is asked again
+        self.confirmations = Confirmations(RECOMMIT_EVERY_S)
         self._last_recommit = 0.0
+        # partitions revoked or lost during the current fetch (see _fetch)
+        self._moved: set[tuple[str, int]] = set()
+        # the fatal producer error that stopped the runner
+        self._fatal: DeliveryError | None = None
         # offsets of done batches not committed yet (see COMMIT_EVERY_S)
         self._due: dict[tuple[str, int], int] = {}
         # when every partition was lost (fenced) and none came back since
@@ -273,19 +286,25 @@ class BatchRunner:
         log.info("%s: assigned %s", self.name, _fmt(partitions))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # finish the in-flight batches and commit them before the partitions move on, so
-        # the next owner does not redo them
-        try:
-            self._settle(drain=True)
-        except AckDeadlineError:
-            self._give_up()
-        self.stats.rebalances += 1
-        self.metrics.rebalances.labels(self.name).inc()
         gone = {(p.topic, p.partition) for p in partitions}
-        self.stats.assigned -= gone
-        self._forget_commits(gone)
-        self._unblock(gone)
-        log.info("%s: revoked %s", self.name, _fmt(partitions))
+        self._moved |= gone
+        # finish the in-flight batches and commit them before the partitions move on, so
+        # the next owner does not redo them; but not for longer than the group waits
+        try:
+            self._settle(drain=True, until=time.monotonic() + REVOKE_DEADLINE_S)
+        except AckDeadlineError:
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                self._give_up()
+            else:
+                self._let_go(gone)
+        finally:
+            # even after a fatal producer error: nothing of them is committed any more
+            self.stats.rebalances += 1
+            self.metrics.rebalances.labels(self.name).inc()
+            self.stats.assigned -= gone
+            self._forget_commits(gone)
+            self._unblock(gone)
+            log.info("%s: revoked %s", self.name, _fmt(partitions))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost partitions already belong to someone else: committing them would be wrong,
@@ -293,6 +312,7 @@ class BatchRunner:
         # be delivered: the new owner's redelivery then yields identical copies, which
         # at-least-once allows). The other partitions' offsets stay and are committed.
         gone = {(p.topic, p.partition) for p in partitions}
+        self._moved |= gone
         self.commits.drop_partitions(gone)
         self.stats.rebalances += 1
         self.metrics.rebalances.labels(self.name).inc()
@@ -303,23 +323,29 @@ class BatchRunner:
             self._lost_all_at = time.monotonic()
         log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
 
+    def _let_go(self, gone: set[tuple[str, int]]) -> None:
+        """A revoke's deadline passed with batches not acknowledged: nothing more of the
+        revoked partitions is committed (their outputs may still be delivered: the next
+        owner's redo then yields identical copies, which at-least-once allows)."""
+        waiting = sum(
+            1
+            for batch in self.commits.batches
+            if any((tp.topic, tp.partition) in gone for tp in batch.offsets)
+        )
+        self.commits.drop_partitions(gone)
+        log.warning(
+            "%s: revoke of %s: %d batches not acknowledged after %.0fs; letting the "
+            "partitions go without committing them (the next owner redoes them)",
+            self.name,
+            _fmt([TopicPartition(t, p) for t, p in sorted(gone)]),
+            waiting,
+            REVOKE_DEADLINE_S,
+        )
+
     def _forget_commits(self, gone: set[tuple[str, int]]) -> None:
         for key in gone:
             self._due.pop(key, None)
-            self._commit_target.pop(key, None)
-            self._confirmed.pop(key, None)
-
-    def _unconfirmed(self, now: float) -> bool:
-        """Offsets asked to be committed a while ago that the coordinator never confirmed."""
-        last = self.stats.last_commit_at
-        if last is None or now - last < RECOMMIT_EVERY_S:
-            return False
-        confirmed = self._confirmed
-        return any(
-            confirmed.get(key, -1) < offset
-            for key, offset in self._commit_target.items()
-            if key in self.stats.assigned
-        )
+        self.confirmations.forget(gone)
 
     # --- loop ------------------------------------------------------------------------
 
@@ -354,13 +380,9 @@ class BatchRunner:
                         self._rejoin()
                 elif idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
-                if (
-                    now - self._last_recommit > RECOMMIT_EVERY_S
-                    and not msgs
-                    and (self._commit_failed or self._unconfirmed(now))
-                ):
-                    # no later batch may touch the partitions whose commit failed
-                    self._recommit(asynchronous=True)
+                if now - self._last_recommit >= RECOMMIT_EVERY_S:
+                    # busy or idle: a partition whose commit failed may get no new batch
+                    self._recommit(now, asynchronous=True)
                 if now - last_lag >= LAG_SAMPLE_EVERY_S:
                     self.metrics.lag = sample_lag(self.consumer, self.stats.assigned)
                     last_lag = now
@@ -405,7 +427,20 @@ class BatchRunner:
         first: list[Any] = consumer.consume(num_messages=1, timeout=wait)
         if not first or self.max_batch == 1:
             return first
-        return first + list(consumer.consume(num_messages=self.max_batch - 1, timeout=0))
+        moved = self._moved
+        moved.clear()
+        rest = list(consumer.consume(num_messages=self.max_batch - 1, timeout=0))
+        if moved:
+            # Revoked or lost during the second call: the records fetched before it are
+            # the next owner's (the client drops those of its own call). None of them is
+            # handled, so none is committed, and the next owner starts before them.
+            first = [m for m in first if (m.topic(), m.partition()) not in moved]
+            log.info(
+                "%s: %s moved while fetching; leaving its fetched records to the next owner",
+                self.name,
+                _fmt([TopicPartition(t, p) for t, p in sorted(moved)]),
+            )
+        return first + rest
 
     def _records(self, msgs: list[Any]) -> tuple[list[InRecord], list[InRecord]]:
         """The decodable records of ``msgs`` and the undecodable ones (to dead-letter)."""
@@ -502,45 +537,74 @@ class BatchRunner:
             message=reason.decode(errors="replace"),
         )
 
-    def _settle(self, *, wait: bool = False, drain: bool = False) -> None:
+    def _settle(
+        self, *, wait: bool = False, drain: bool = False, until: float | None = None
+    ) -> None:
         """Commit the acknowledged batches at the head of the queue, in order.
 
-        ``wait``: block until at least the head batch is done; ``drain``: until all are.
+        ``wait``: block until at least the head batch is done; ``drain``: until all are,
+        or until the monotonic time ``until`` (and the stop deadline) passed: then what
+        is done is committed and AckDeadlineError raised. A fatal producer error raises
+        DeliveryError once what was done before it is committed.
         """
         done: list[InFlightBatch] = []
         queue = self.commits
+        failure: AckDeadlineError | DeliveryError | None = None
         self.producer.poll(0)
         while queue.batches:
             head = queue.head()
             if head.delivery.pending > 0:
                 if not (wait or drain):
                     break
-                if self._deadline is not None and time.monotonic() > self._deadline:
-                    raise AckDeadlineError(f"{self.name}: acknowledgements still outstanding")
+                deadline = self._ack_deadline(until)
+                if deadline is not None and time.monotonic() > deadline:
+                    failure = AckDeadlineError(f"{self.name}: acknowledgements still outstanding")
+                    break
                 self.producer.poll(0.005)
                 continue
             if head.delivery.failed:
-                self._resolve(head)
+                try:
+                    self._resolve(head, self._ack_deadline(until))
+                except DeliveryError as exc:
+                    failure = exc
+                    break
                 continue
             done.append(queue.pop_head())
             wait = False
         if done:
             if self._fault is not None:
                 self._fault_point("after-produce")
+            assigned = self.stats.assigned
             for tp in queue.committable(done):
-                self._due[(tp.topic, tp.partition)] = tp.offset
+                key = (tp.topic, tp.partition)
+                if key in assigned:  # a partition that moved on is its new owner's to commit
+                    self._due[key] = tp.offset
         last = self.stats.last_commit_at
-        if self._due and (drain or last is None or time.monotonic() - last >= COMMIT_EVERY_S):
+        final = drain or failure is not None
+        if self._due and (final or last is None or time.monotonic() - last >= COMMIT_EVERY_S):
             offsets = [TopicPartition(t, p, o) for (t, p), o in self._due.items()]
             self._due.clear()
             # the last commit before partitions move or the process ends is synchronous
-            self._commit(offsets, asynchronous=not drain)
+            self._commit(offsets, asynchronous=not final)
+        if failure is not None:
+            raise failure
+
+    def _ack_deadline(self, until: float | None) -> float | None:
+        # read each time: a stop may come while acknowledgements are awaited
+        stop = self._deadline
+        if until is None:
+            return stop
+        return until if stop is None else min(stop, until)
 
     # --- produce errors --------------------------------------------------------------
 
-    def _resolve(self, batch: InFlightBatch) -> None:
-        """Deal with the refused records of ``batch``: retry, dead-letter or block."""
+    def _resolve(self, batch: InFlightBatch, deadline: float | None = None) -> None:
+        """Deal with the refused records of ``batch``: retry, dead-letter or block; the
+        pause before a retry ends at the monotonic time ``deadline``."""
         failed = batch.delivery.failed
+        fatal = next(((out, err) for out, err in failed if _is_fatal(err)), None)
+        if fatal is not None:
+            self._fail(*fatal)
         batch.delivery.failed = []
         retry: list[OutRecord] = []
         for out, err in failed:
@@ -548,9 +612,6 @@ class BatchRunner:
             self.metrics.produce_errors.labels(
                 self.name, err.name(), "permanent" if permanent else "retriable"
             ).inc()
-            if err.fatal():
-                # the idempotent producer is unusable; a restart gets a new one
-                raise DeliveryError(f"fatal producer error on {out.topic}: {err}")
             if not permanent:
                 retry.append(out)
                 continue
@@ -571,9 +632,29 @@ class BatchRunner:
                 pause,
                 _describe(retry[0], failed),
             )
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
             # a stop wakes this up; the retry then runs under the stop deadline
             self._stop.wait(pause)
             self.producer.send_all(retry, batch.delivery)
+
+    def _fail(self, out: OutRecord, err: KafkaError) -> None:
+        """A fatal producer error: the idempotent producer is unusable, a restart gets a
+        new one. Nothing of the batch it hit is committed, nor of any later batch
+        (commits keep batch order): the next run redoes them."""
+        self.metrics.produce_errors.labels(self.name, err.name(), "fatal").inc()
+        dropped = self.commits.clear()
+        self._fatal = DeliveryError(f"fatal producer error on {out.topic}: {err}")
+        log.error(
+            "%s: fatal producer error on %s (%s); stopping without committing the %d "
+            "batches not acknowledged (they will be redelivered)",
+            self.name,
+            out.topic,
+            err,
+            dropped,
+        )
+        self._stop.set()
+        raise self._fatal
 
     def _after_permanent(
         self, batch: InFlightBatch, out: OutRecord, err: KafkaError
@@ -659,55 +740,51 @@ class BatchRunner:
             log.warning("%s: closing the old consumer: %s", self.name, exc)
         self._subscribe()
 
-    def _recommit(self, *, asynchronous: bool) -> None:
-        """Commit again the last offsets whose commit failed (of partitions still ours)."""
-        self._last_recommit = time.monotonic()
-        self._commit_failed = False
-        confirmed = self._confirmed
-        offsets = [
-            TopicPartition(t, p, o)
-            for (t, p), o in self._commit_target.items()
-            if (t, p) in self.stats.assigned and confirmed.get((t, p), -1) < o
-        ]
+    def _recommit(self, now: float, *, asynchronous: bool, min_age: float | None = None) -> None:
+        """Commit again the asked offsets the coordinator has not confirmed, of
+        partitions still ours, asked at least ``min_age`` (``RECOMMIT_EVERY_S``) ago."""
+        self._last_recommit = now
+        offsets = self.confirmations.stale(self.stats.assigned, now, min_age=min_age)
         if offsets:
-            log.info("%s: committing again after a failed commit: %s", self.name, _fmt(offsets))
+            log.info(
+                "%s: committing again what the coordinator has not confirmed: %s",
+                self.name,
+                _fmt_offsets(offsets),
+            )
             self._commit(offsets, asynchronous=asynchronous)
 
     def _commit(self, offsets: list[TopicPartition], *, asynchronous: bool) -> None:
-        for tp in offsets:
-            self._commit_target[(tp.topic, tp.partition)] = tp.offset
+        now = time.monotonic()
+        self.confirmations.asked(offsets, now)
         try:
-            commit(self.consumer, offsets, asynchronous=asynchronous)
+            answer = commit(self.consumer, offsets, asynchronous=asynchronous)
             if not asynchronous:
-                self._confirm(offsets)
+                # without an answer (a stand-in client) the commit is taken as confirmed
+                self._on_commit(None, offsets if answer is None else answer)
             self.stats.commits += 1
             self.metrics.commits.labels(self.name).inc()
-            self.stats.last_commit_at = time.monotonic()
+            self.stats.last_commit_at = now
         except CommitError as exc:
             # e.g. the partitions moved during the batch: the new owner gets the batch
             # again and per-order idempotency makes that harmless
             self.stats.commit_failures += 1
             self.metrics.commit_failures.labels(self.name).inc()
-            self._commit_failed = True
             log.warning("%s: commit failed (%s); will commit again", self.name, exc)
-
-    def _confirm(self, offsets: list[TopicPartition]) -> None:
-        confirmed = self._confirmed
-        for tp in offsets:
-            key = (tp.topic, tp.partition)
-            if tp.offset > confirmed.get(key, -1):
-                confirmed[key] = tp.offset
 
     def _on_commit(self, err: Any, partitions: list[TopicPartition]) -> None:
         if err is None:
-            self._confirm([tp for tp in partitions if tp.error is None])
+            self.confirmations.confirmed([tp for tp in partitions if tp.error is None])
             err = next((tp.error for tp in partitions if tp.error is not None), None)
         if err is not None:
+            # nothing to remember: what is asked and not confirmed is asked again
             self.stats.commit_failures += 1
             self.metrics.commit_failures.labels(self.name).inc()
-            # the next idle tick (or the stop) commits the latest offsets again
-            self._commit_failed = True
-            log.warning("%s: async commit failed (%s); will commit again", self.name, err)
+            log.warning(
+                "%s: commit of %s failed (%s); will commit again",
+                self.name,
+                _fmt_offsets(partitions),
+                err,
+            )
 
     def _fault_point(self, point: FaultPoint) -> None:
         """Crash-test hook: SIGKILL this process at ``point`` after N batches."""
@@ -736,13 +813,17 @@ class BatchRunner:
         try:
             try:
                 self._settle(drain=True)
-                self.producer.flush(max(0.0, self._deadline - time.monotonic()))
+                if self._fatal is None:
+                    self.producer.flush(max(0.0, self._deadline - time.monotonic()))
             except AckDeadlineError:
                 self._give_up()
-            if self._commit_failed or self._unconfirmed(math.inf):
-                # asynchronous: with the coordinator away a synchronous commit could
-                # hold the stop; the close below waits for what is in flight
-                self._recommit(asynchronous=True)
+            except DeliveryError:
+                pass  # raised again below, once the consumer is closed
+            if self._fatal is not None:
+                self.producer.purge()  # unusable: nothing it still holds is waited for
+            # asynchronous: with the coordinator away a synchronous commit could hold
+            # the stop; the close below waits for what is in flight
+            self._recommit(time.monotonic(), asynchronous=True, min_age=0.0)
         finally:
             self.consumer.close()
             self.metrics.stop()
@@ -753,6 +834,14 @@ class BatchRunner:
             self.stats.records_out,
             self.stats.batches,
         )
+        if self._fatal is not None:
+            raise self._fatal
+
+
+def _is_fatal(err: KafkaError) -> bool:
+    """A producer error after which the idempotent producer cannot go on (``_FATAL``:
+    a record queued after the fatal error was raised)."""
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
 
 
 def _same_key(records: list[InRecord], key: bytes | None) -> InRecord | None:
@@ -790,3 +879,7 @@ def _describe(out: OutRecord, failed: list[tuple[OutRecord, KafkaError]]) -> str
 
 def _fmt(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{p.topic}[{p.partition}]" for p in partitions) or "nothing"
+
+
+def _fmt_offsets(offsets: list[TopicPartition]) -> str:
+    return ", ".join(f"{p.topic}[{p.partition}]@{p.offset}" for p in offsets) or "nothing"
