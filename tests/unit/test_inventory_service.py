@@ -801,3 +801,28 @@ def test_batch_of_only_dead_letters_does_not_lock_the_db(
         assert [r.topic for r in out] == [DLQ]
     finally:
         other.close()
+
+
+def test_every_output_names_the_input_it_was_made_from(
+    store: Store, service: InventoryService
+) -> None:
+    """The runner dead-letters an output's source if Kafka refuses the output for good:
+    the cancel's outputs are the cancel's, not the order's, though they share its key."""
+    first, again = placed(order("o1", ("A", 1))), placed(order("o1", ("A", 1)))
+    stop, stop_again = cancel("o1"), cancel("o1")
+    out = service.handle([first, again, stop, stop_again])
+    kinds = [(type(e).__name__, r.source) for e, r in zip(events(out), out, strict=True)]
+    assert kinds == [
+        ("OrderReserved", first),
+        ("OrderReserved", again),
+        ("StockReleased", stop),
+        ("OrderCancelled", stop),
+        ("StockReleased", stop_again),
+        ("OrderCancelled", stop_again),
+    ]
+    # a cancel of an order that was rejected: its CancelRejected is the cancel's
+    short = placed(order("o2", ("C", 5)))
+    late = cancel("o2")
+    out = service.handle([short, late])
+    kinds = [(type(e).__name__, r.source) for e, r in zip(events(out), out, strict=True)]
+    assert kinds == [("OrderRejected", short), ("CancelRejected", late)]

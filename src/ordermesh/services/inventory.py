@@ -596,7 +596,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
                 dlq = self.dead_letter(record, "place", DUPLICATE_ORDER_ID, message)
                 self._add_dlq(state, record, dlq)
                 return
-            state.out.append(OutRecord(self.events_topic, key, known.outcome))
+            state.out.append(OutRecord(self.events_topic, key, known.outcome, source=record))
             state.stats.duplicates += 1
             return
 
@@ -681,7 +681,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
             status, items, outcome, None, new, body_hash, expires_at
         )
         state.new_orders.append(order.order_id)
-        state.out.append(OutRecord(self.events_topic, key, outcome))
+        state.out.append(OutRecord(self.events_topic, key, outcome, source=record))
 
     # --- the later steps ---------------------------------------------------------------
 
@@ -694,7 +694,12 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         return order
 
     def _in_status(
-        self, state: _Batch, order_id: str, status: OrderStatus, trigger: StepTrigger
+        self,
+        state: _Batch,
+        record: InRecord,
+        order_id: str,
+        status: OrderStatus,
+        trigger: StepTrigger,
     ) -> _Order | None:
         """The order when it is ``status``, the one ``trigger`` applies to; otherwise
         None, once what ``trigger`` caused before (if anything) is re-emitted."""
@@ -702,7 +707,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         if order is None:
             return None
         if order.status != status:
-            self._replay(state, order, trigger)
+            self._replay(state, record, order, trigger)
             return None
         return order
 
@@ -721,7 +726,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         self._step(state, record, order, event.order_id, status, trigger, (event,))
 
     def _authorized(self, state: _Batch, record: InRecord, fact: PaymentAuthorized) -> None:
-        order = self._in_status(state, fact.order_id, "RESERVED", "PaymentAuthorized")
+        order = self._in_status(state, record, fact.order_id, "RESERVED", "PaymentAuthorized")
         if order is None:
             return
         if order.expires_at is not None and fact.at > order.expires_at:
@@ -741,7 +746,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         state.stats.paid += 1
 
     def _declined(self, state: _Batch, record: InRecord, fact: PaymentDeclined) -> None:
-        order = self._in_status(state, fact.order_id, "RESERVED", "PaymentDeclined")
+        order = self._in_status(state, record, fact.order_id, "RESERVED", "PaymentDeclined")
         if order is None:
             return
         failed = OrderPaymentFailed(fact.order_id, fact.reason, fact.detail, at=state.now)
@@ -750,7 +755,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         )
 
     def _shipment_ready(self, state: _Batch, record: InRecord, fact: ShipmentReady) -> None:
-        order = self._in_status(state, fact.order_id, "PAID", "ShipmentReady")
+        order = self._in_status(state, record, fact.order_id, "PAID", "ShipmentReady")
         if order is None:
             return
         shipped = OrderShipped(fact.order_id, fact.shipment_id, at=state.now)
@@ -764,7 +769,7 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         deadline = order.expires_at
         if order.status != "RESERVED" or deadline is None or state.now < deadline:
             # sweeps of N instances may each ask: only the record that expired it answers
-            self._replay(state, order, "ExpireReservation", record.where())
+            self._replay(state, record, order, "ExpireReservation", record.where())
             return
         expired = ReservationExpired(command.order_id, expires_at=deadline, at=state.now)
         self._release(
@@ -813,17 +818,27 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         order.steps = (*order.steps, step)
         state.steps.append(step)
         key = order_id.encode()
-        state.out.extend(OutRecord(self.events_topic, key, value) for value in encoded)
+        state.out.extend(
+            OutRecord(self.events_topic, key, value, source=record) for value in encoded
+        )
 
     def _replay(
-        self, state: _Batch, order: _Order, trigger: StepTrigger, source: str | None = None
+        self,
+        state: _Batch,
+        record: InRecord,
+        order: _Order,
+        trigger: StepTrigger,
+        source: str | None = None,
     ) -> None:
-        """Re-emit the stored step(s) this trigger caused; nothing if it caused none."""
+        """Re-emit the stored step(s) this trigger caused; nothing if it caused none.
+        ``record`` is the input asking again: the outputs' source."""
         replayed = False
         for step in order.steps:
             if step.trigger == trigger and (source is None or step.source == source):
                 key = step.order_id.encode()
-                state.out.extend(OutRecord(self.events_topic, key, value) for value in step.events)
+                state.out.extend(
+                    OutRecord(self.events_topic, key, value, source=record) for value in step.events
+                )
                 replayed = True
         if replayed:
             state.stats.duplicates += 1
@@ -846,8 +861,8 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
             if known.cancel is None:
                 raise StoreError(f"inventory db: order {order_id} is CANCELLED without events")
             released, cancelled = known.cancel
-            state.out.append(OutRecord(self.events_topic, key, released))
-            state.out.append(OutRecord(self.events_topic, key, cancelled))
+            state.out.append(OutRecord(self.events_topic, key, released, source=record))
+            state.out.append(OutRecord(self.events_topic, key, cancelled, source=record))
             state.stats.duplicates += 1
             return
         stage = known.status
@@ -859,7 +874,9 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
                 detail=f"order {order_id!r} is {stage}; nothing to cancel",
                 at=state.now,
             )
-            state.out.append(OutRecord(self.events_topic, key, schema.encode(rejected)))
+            state.out.append(
+                OutRecord(self.events_topic, key, schema.encode(rejected), source=record)
+            )
             state.stats.cancel_rejected += 1
             return
 
@@ -872,8 +889,8 @@ class InventoryService(StoreService[InventoryStore, OrderPlaced | OrderCommand])
         state.cancellations.append(
             NewCancellation(order_id, released, cancelled, state.now, record.where())
         )
-        state.out.append(OutRecord(self.events_topic, key, released))
-        state.out.append(OutRecord(self.events_topic, key, cancelled))
+        state.out.append(OutRecord(self.events_topic, key, released, source=record))
+        state.out.append(OutRecord(self.events_topic, key, cancelled, source=record))
         state.stats.cancelled += 1
 
     def _restock(self, state: _Batch, record: InRecord, command: Restock) -> None:
