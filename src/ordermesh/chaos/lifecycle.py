@@ -213,7 +213,7 @@ LIFECYCLE_SCENARIOS: Final[tuple[Scenario, ...]] = (
     ),
     _life(
         "gateway-lossy",
-        "whole life: the gateway loses 10% of replies (applied) and hangs 5% of calls "
+        "whole life: the gateway loses 10% of replies (applied) and hangs 5% of requests "
         "(not applied) for 20 s (10 s quick)",
         gateway_fault_for((10.0, 20.0), lost_response_rate=0.1, timeout_rate=0.05, hang_s=10.0),
         orders=(2500, 3500),
