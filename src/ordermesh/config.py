@@ -205,10 +205,13 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
 
-    # HTTP API: its own small DB (idempotency keys); comma-separated keys that POST
-    # endpoints require when set
+    # HTTP API: its own small DB (idempotency keys); comma-separated keys that every
+    # /orders endpoint requires when set: each key is one client, which sees only the
+    # orders it placed. An operator key (also comma-separated) sees every order, the load
+    # generator's too.
     api_db: Path | None = None
     api_keys: SecretStr | None = None
+    api_operator_keys: SecretStr | None = None
 
     # An order's life (lifecycle.py). A reservation holds this long for its payment; past
     # it, the inventory's sweep expires it and the stock goes back on the shelf.
@@ -321,4 +324,11 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return frozenset()
         keys = self.api_keys.get_secret_value().split(",")
+        return frozenset(key.strip() for key in keys if key.strip())
+
+    def api_operator_key_set(self) -> frozenset[str]:
+        """The configured operator keys of the API (they see every order)."""
+        if self.api_operator_keys is None:
+            return frozenset()
+        keys = self.api_operator_keys.get_secret_value().split(",")
         return frozenset(key.strip() for key in keys if key.strip())

@@ -17,7 +17,7 @@ import time
 from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from ordermesh.errors import DecodeError
 
@@ -87,6 +87,15 @@ class OrderPlaced(msgspec.Struct, frozen=True):
     # A payment method token the gateway charges (e.g. a test card number); empty: the
     # customer's default. Not part of the fingerprint: it says how to pay, not what.
     card: Annotated[str, Meta(max_length=64)] = ""
+    # The API client that placed it: an opaque id of its API key
+    # (``api/idempotency.client_for_api_key``), never the key. Unset (and then absent on
+    # the wire, so records without it read as before): no API client's, e.g. the load
+    # generator's; only operators see such an order. Not part of the fingerprint either.
+    api_client: Annotated[str, Meta(min_length=1, max_length=64)] | UnsetType = UNSET
+
+    def owner(self) -> str | None:
+        """``api_client`` if set, else None."""
+        return self.api_client if isinstance(self.api_client, str) else None
 
 
 class ItemQty(msgspec.Struct, frozen=True, array_like=False):

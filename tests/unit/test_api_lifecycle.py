@@ -152,8 +152,8 @@ class SeenQueries(SqliteOrderQueries):
 
     seen: list[str]
 
-    def get_order(self, order_id: str) -> OrderView | None:
-        view = super().get_order(order_id)
+    def get_order(self, order_id: str, *, api_client: str | None = None) -> OrderView | None:
+        view = super().get_order(order_id, api_client=api_client)
         self.seen.append(view.status if view else "-")
         return view
 

@@ -115,6 +115,7 @@ def test_stores_refuse_an_unmigrated_database_until_migrate(postgres_database: s
         " steps, reorders",
         "tracker: schema version 1: orders, history and pending events",
         "tracker: schema version 2: the whole life: payment, shipment, deadlines, transitions",
+        "tracker: schema version 3: orders.api_client: the API client that placed the order",
         "api: schema version 1: idempotency keys scoped per client",
         "payments: schema version 1: payments and their outbox",
         "fulfilment: schema version 1: shipments and their outbox",
@@ -148,6 +149,7 @@ def test_concurrent_migrations_apply_each_step_once(postgres_database: str) -> N
         "inventory",
         "inventory",
         "payments",
+        "tracker",
         "tracker",
         "tracker",
     ]

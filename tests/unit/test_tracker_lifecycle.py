@@ -406,7 +406,7 @@ def test_a_version_2_sqlite_database_is_upgraded_with_its_orders(tmp_path: Path)
         reader.statuses()
 
     with SqliteTrackerStore(path) as store:
-        assert version_of(path) == len(sqlite_tracker.MIGRATIONS) == 3
+        assert version_of(path) == len(sqlite_tracker.MIGRATIONS) == 4
         assert store.statuses() == {"o-res": "RESERVED", "o-can": "CANCELLED", "o-rej": "REJECTED"}
         upgraded = view_of(store, "o-can")
         assert [(t.source, t.target) for t in upgraded.transitions] == [
@@ -427,7 +427,7 @@ def test_a_version_2_sqlite_database_is_upgraded_with_its_orders(tmp_path: Path)
     assert reader.status_counts()["SHIPPED"] == 1
     reader.close()
     with SqliteTrackerStore(path):  # reopening changes nothing
-        assert version_of(path) == 3
+        assert version_of(path) == 4
 
 
 def test_a_version_1_postgres_schema_is_upgraded_with_its_orders(postgres_database: str) -> None:

@@ -6,15 +6,16 @@ problem: malformed JSON 400, schema violations 422, bodies over 64 KiB 413.
 
 With API keys configured, every ``/orders`` endpoint (reads included: an order names its
 customer and items) requires one; ``/health``, ``/metrics`` and ``/openapi.json`` stay
-open for probes, scrapers and client generators, and reveal no order. Idempotency keys
-are scoped per API key (see ``api/idempotency.py``).
+open for probes, scrapers and client generators, and reveal no order. Each key is a
+client that gets, lists and cancels only the orders it placed, an operator key every
+order (``api/access.py``); idempotency keys are scoped per API key
+(``api/idempotency.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import math
 import uuid
@@ -29,11 +30,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ordermesh import lifecycle, schema
+from ordermesh.api.access import OPEN, ApiKeys, Caller
 from ordermesh.api.bodies import REQUEST_FIELDS, CancelAccepted, CancelRequest, OrderAccepted
 from ordermesh.api.delivery import AsyncProducer
 from ordermesh.api.health import HealthChecks
 from ordermesh.api.http import JSON, int_param, json_response, lifespan_app, metrics_response
-from ordermesh.api.idempotency import client_for_api_key, order_id_for_key, valid_key
+from ordermesh.api.idempotency import order_id_for_key, valid_key
 from ordermesh.api.metrics import ApiMetrics, MetricsMiddleware
 from ordermesh.api.openapi import MAX_WAIT_S, build_openapi
 from ordermesh.api.problems import HTTPProblem, exception_handlers
@@ -143,7 +145,10 @@ def status_param(request: Request, name: str = "status") -> OrderStatus | None:
 
 def body_hash(order: schema.OrderPlaced) -> str:
     """Hash of what the client asked for: the validated order without server fields."""
-    canonical = msgspec.structs.replace(order, order_id="", created_at=0.0)
+    # api_client unset: the hash of a body stays what it was before orders had owners
+    canonical = msgspec.structs.replace(
+        order, order_id="", created_at=0.0, api_client=msgspec.UNSET
+    )
     return hashlib.sha256(schema.encode(canonical)).hexdigest()
 
 
@@ -159,12 +164,10 @@ class OrdersApi:
         self.settings = settings
         self._kafka_producer = producer
         self.metrics = metrics
-        self.api_keys = tuple(k.encode() for k in settings.api_key_set())
-        # the idempotency scope of each API key, same order as api_keys
-        self._clients = tuple(client_for_api_key(k) for k in self.api_keys)
+        self.api_keys = ApiKeys.from_settings(settings)
         self.orders_topic = settings.topic(ORDERS)
         self.commands_topic = settings.topic(COMMANDS)
-        self.openapi = msgspec.json.encode(build_openapi(authenticated=bool(self.api_keys)))
+        self.openapi = msgspec.json.encode(build_openapi(authenticated=self.api_keys.enabled))
         self._producer: AsyncProducer | None = None
         self._reader: OrderReader | None = None
         self._keys: IdempotencyStore | None = None
@@ -189,7 +192,7 @@ class OrdersApi:
             self.commands_topic,
             settings.tracker_db_path(),
             settings.api_db_path(),
-            "on" if self.api_keys else "off",
+            self.api_keys.describe(),
         )
 
     async def stop(self) -> None:
@@ -223,22 +226,20 @@ class OrdersApi:
 
     # --- shared steps ------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> str:
-        """401 unless the request carries a configured API key; its client ("" without keys)."""
-        if not self.api_keys:
-            return ""
+    def authorize(self, request: Request) -> Caller:
+        """401 unless the request carries a configured API key; its caller (``OPEN``
+        without keys)."""
+        if not self.api_keys.enabled:
+            return OPEN
         given = request.headers.get("x-api-key")
         if given is None:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() == "bearer":
                 given = token.strip()
         if given:
-            candidate = given.encode("latin-1")  # the raw header bytes
-            # compare against every key in constant time: no early exit reveals which
-            # prefix matched
-            matched = [hmac.compare_digest(candidate, key) for key in self.api_keys]
-            if any(matched):
-                return self._clients[matched.index(True)]
+            caller = self.api_keys.identify(given.encode("latin-1"))  # the raw header bytes
+            if caller is not None:
+                return caller
         raise HTTPProblem(
             401,
             "unauthorized",
@@ -269,7 +270,8 @@ class OrdersApi:
         return await self.list_orders(request)
 
     async def place_order(self, request: Request) -> Response:
-        client = self.authorize(request)
+        caller = self.authorize(request)
+        client = caller.client
         require_json_body(request)
         key = request.headers.get("idempotency-key")
         if key is not None and not valid_key(key):
@@ -297,6 +299,8 @@ class OrdersApi:
                 raise HTTPProblem(413, "payload-too-large", str(exc)) from None
             detail = str(exc).removeprefix("bad order: ")
             raise HTTPProblem(422, "validation-error", f"invalid order: {detail}") from None
+        # bound to its client (a server field: a body naming one was refused above)
+        order = msgspec.structs.replace(order, api_client=caller.owner)
         location = {"Location": order_location(order_id)}
         if key is None:
             await self.produce(self.orders_topic, order_id, schema.encode(order))
@@ -331,17 +335,18 @@ class OrdersApi:
         return json_response(OrderAccepted(order_id), 200, location)
 
     async def get_order(self, request: Request) -> Response:
-        self.authorize(request)
+        sees = self.authorize(request).sees
         order_id: str = request.path_params["order_id"]
         wait = number_param(request, "wait", 0.0, MAX_WAIT_S, 0.0)
         # what ?wait= waits for (default: the decision)
         target = status_param(request)
         if not 0 < len(order_id) <= 64:
             raise HTTPProblem(404, "not-found", "unknown order")
+        # another client's order reads as None: the same 404 as an unknown one
         if wait > 0:
-            view = await self.reader.wait_for(order_id, wait, target)
+            view = await self.reader.wait_for(order_id, wait, target, sees)
         else:
-            view = await self.reader.get(order_id)
+            view = await self.reader.get(order_id, sees)
         if view is None:
             raise HTTPProblem(
                 404,
@@ -352,7 +357,7 @@ class OrdersApi:
         return json_response(view)
 
     async def list_orders(self, request: Request) -> Response:
-        self.authorize(request)
+        sees = self.authorize(request).sees
         params = request.query_params
         status = status_param(request)
         limit = int_param(request, "limit", 1, MAX_PAGE, 50)
@@ -360,7 +365,7 @@ class OrdersApi:
         customer_id = params.get("customer_id")
         try:
             page = await self.reader.list_orders(
-                status=status, customer_id=customer_id, limit=limit, cursor=cursor
+                status=status, customer_id=customer_id, limit=limit, cursor=cursor, api_client=sees
             )
         except ValueError as exc:
             raise HTTPProblem(400, "bad-request", str(exc)) from None
@@ -372,7 +377,7 @@ class OrdersApi:
         return json_response(page, headers=headers)
 
     async def cancel_order(self, request: Request) -> Response:
-        self.authorize(request)
+        sees = self.authorize(request).sees
         order_id: str = request.path_params["order_id"]
         raw = await read_body(request)
         reason = ""
@@ -385,11 +390,12 @@ class OrdersApi:
                 raise HTTPProblem(422, "validation-error", f"invalid body: {exc}") from None
         if not 0 < len(order_id) <= 64:
             raise HTTPProblem(404, "not-found", "unknown order")
-        view = await self.reader.get(order_id)
+        # another client's order reads as None: the same 404 as an unknown one, nothing sent
+        view = await self.reader.get(order_id, sees)
         if view is None:
             raise HTTPProblem(404, "not-found", f"unknown order {order_id!r}")
         if not decided(view):
-            view = await self.reader.wait_decided(order_id, CANCEL_DECISION_WAIT_S)
+            view = await self.reader.wait_decided(order_id, CANCEL_DECISION_WAIT_S, sees)
             if view is None or not decided(view):
                 raise HTTPProblem(
                     409,

@@ -15,7 +15,8 @@ from msgspec import Meta
 from ordermesh import schema
 from ordermesh.stores.tracker import OrderStatus
 
-SERVER_FIELDS: Final = ("order_id", "created_at", "schema_version")
+# api_client: the client whose key placed it (``api/access.py``), never the body's say
+SERVER_FIELDS: Final = ("order_id", "created_at", "schema_version", "api_client")
 REQUEST_FIELDS: Final = tuple(
     name for name in schema.OrderPlaced.__struct_fields__ if name not in SERVER_FIELDS
 )

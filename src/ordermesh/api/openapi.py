@@ -103,15 +103,26 @@ ORDER_ID_PARAM: Final = {
 }
 
 
+# what an API key may see (api/access.py), said once for the document's description
+ACCESS: Final = (
+    "With API keys, each key is a client that gets, lists and cancels only the orders it "
+    "placed: another client's order answers 404 exactly like an unknown one. An operator "
+    "key sees every order, those of other producers (the load generator) included."
+)
+
+
 def build_openapi(*, authenticated: bool) -> dict[str, Any]:
     """The document; ``authenticated`` declares the API-key requirement of ``/orders``."""
     security: list[dict[str, list[str]]] = [{"apiKey": []}, {"bearer": []}] if authenticated else []
     unauthorized = {"401": _problem("Missing or unknown API key.")} if authenticated else {}
+    # another client's order is unknown to the caller: one answer for both
+    unknown = "Unknown order (or another API client's)." if authenticated else "Unknown order."
     post_order = {
         "summary": "Place an order",
         "description": "Answers once Kafka acknowledged the OrderPlaced record. With an "
         "Idempotency-Key, the same key and body return the same order (200); the same key "
-        "with another body is a conflict (409).",
+        "with another body is a conflict (409)."
+        + (" The order belongs to the client whose API key placed it." if authenticated else ""),
         "operationId": "placeOrder",
         "parameters": [
             {
@@ -159,7 +170,7 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
             "200": _json("Already cancelled; nothing sent.", "CancelAccepted"),
             "400": _problem("Malformed JSON."),
             **unauthorized,
-            "404": _problem("Unknown order."),
+            "404": _problem(unknown),
             "409": _problem(
                 "Order is SHIPPED, REJECTED, PAYMENT_FAILED or EXPIRED, or still undecided (retry)."
             ),
@@ -173,12 +184,24 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
         cancel["security"] = security
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "OrderMesh orders API", "version": "1"},
+        "info": {
+            "title": "OrderMesh orders API",
+            "version": "1",
+            **({"description": ACCESS} if authenticated else {}),
+        },
         "paths": {
             "/orders": {
                 "post": post_order,
                 "get": {
                     "summary": "List orders",
+                    **(
+                        {
+                            "description": "With API keys: the caller's own orders (every "
+                            "order for an operator key)."
+                        }
+                        if authenticated
+                        else {}
+                    ),
                     "operationId": "listOrders",
                     "parameters": _params(
                         {
@@ -225,7 +248,7 @@ def build_openapi(*, authenticated: bool) -> dict[str, Any]:
                     "responses": {
                         "200": _json("The order.", "OrderView"),
                         **unauthorized,
-                        "404": _problem("Unknown order."),
+                        "404": _problem(unknown),
                         "422": _problem("Invalid query parameter."),
                         "503": _problem(
                             "Tracker DB unavailable, or too many requests waiting (?wait=);"

@@ -27,6 +27,11 @@ someone waits for; every ``FEED_RECHECK_S`` it reads all of them anyway, a bound
 a lost notification could cost. At most ``MAX_WAITERS`` requests wait at once (each holds a
 connection and a future); one more is answered 503 with Retry-After rather than letting
 a flood of long polls grow memory and poll work without bound.
+
+Every read takes the ``api_client`` the caller may see (None: every order; see
+``api/access.py``), and the store answers another client's order as unknown; a waiter
+is answered from a read under its own ``api_client``, so for it another client's order
+never appears, and its wait lasts as long as one for an order that does not exist.
 """
 
 from __future__ import annotations
@@ -99,13 +104,19 @@ def reached(view: OrderView | None, target: OrderStatus | None) -> bool:
 
 
 class _Waiter:
-    """One request waiting for an order to reach ``target``."""
+    """One request waiting for an order to reach ``target``, reading it as ``api_client``."""
 
-    __slots__ = ("future", "target")
+    __slots__ = ("api_client", "future", "target")
 
-    def __init__(self, future: asyncio.Future[OrderView], target: OrderStatus | None) -> None:
+    def __init__(
+        self,
+        future: asyncio.Future[OrderView],
+        target: OrderStatus | None,
+        api_client: str | None,
+    ) -> None:
         self.future = future
         self.target = target
+        self.api_client = api_client
 
 
 class OrderReader:
@@ -136,8 +147,8 @@ class OrderReader:
     async def _run(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    async def get(self, order_id: str) -> OrderView | None:
-        return self.store.get_order(order_id)
+    async def get(self, order_id: str, api_client: str | None = None) -> OrderView | None:
+        return self.store.get_order(order_id, api_client=api_client)
 
     async def list_orders(
         self,
@@ -146,34 +157,45 @@ class OrderReader:
         customer_id: str | None,
         limit: int,
         cursor: str | None,
+        api_client: str | None = None,
     ) -> OrderPage:
         return await self._run(
             lambda: self.store.list_orders(
-                status=status, customer_id=customer_id, limit=limit, cursor=cursor
+                status=status,
+                customer_id=customer_id,
+                limit=limit,
+                cursor=cursor,
+                api_client=api_client,
             )
         )
 
     async def ping(self) -> None:
         self.store.ping()
 
-    async def wait_decided(self, order_id: str, timeout_s: float) -> OrderView | None:
+    async def wait_decided(
+        self, order_id: str, timeout_s: float, api_client: str | None = None
+    ) -> OrderView | None:
         """The order once decided (out of PLACED); see ``wait_for``."""
-        return await self.wait_for(order_id, timeout_s, None)
+        return await self.wait_for(order_id, timeout_s, None, api_client)
 
     async def wait_for(
-        self, order_id: str, timeout_s: float, target: OrderStatus | None
+        self,
+        order_id: str,
+        timeout_s: float,
+        target: OrderStatus | None,
+        api_client: str | None = None,
     ) -> OrderView | None:
         """The order once it ``reached`` ``target`` (None: decided), or as it is (maybe
-        None) when ``timeout_s`` ran out.
+        None) when ``timeout_s`` ran out; read as ``api_client`` (None: any order's).
 
         A store that fails meanwhile (the tracker has not created its DB yet, say) counts
         as "not there yet"; only the final read, at the deadline, raises StoreError.
         Raises a 503 ``HTTPProblem`` when ``max_waiters`` requests wait already.
         """
         if timeout_s <= 0:
-            return await self.get(order_id)
+            return await self.get(order_id, api_client)
         try:
-            view = await self.get(order_id)
+            view = await self.get(order_id, api_client)
         except StoreError:
             view = None
         if reached(view, target):
@@ -187,7 +209,7 @@ class OrderReader:
                 headers={"Retry-After": str(WAITERS_RETRY_AFTER_S)},
             )
         future: asyncio.Future[OrderView] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(future, target)
+        waiter = _Waiter(future, target, api_client)
         self._waiters.setdefault(order_id, []).append(waiter)
         # it may have moved since the read above: the next check reads it
         self._version = None
@@ -198,7 +220,7 @@ class OrderReader:
         try:
             return await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
-            return await self.get(order_id)
+            return await self.get(order_id, api_client)
         finally:
             self._waiting -= 1
             waiting = self._waiters.get(order_id)
@@ -274,21 +296,30 @@ class OrderReader:
                 self._version = version
                 return
 
-    def _lookup(self, order_ids: list[str]) -> list[OrderView | None]:
-        return [self.store.get_order(order_id) for order_id in order_ids]
+    def _reads(self, order_ids: list[str]) -> list[tuple[str, str | None]]:
+        """(order_id, api_client) of every read the waiters of ``order_ids`` need: one
+        per order and distinct ``api_client`` among its waiters (almost always one)."""
+        return [
+            (order_id, api_client)
+            for order_id in order_ids
+            for api_client in dict.fromkeys(w.api_client for w in self._waiters.get(order_id, ()))
+        ]
+
+    def _lookup(self, reads: list[tuple[str, str | None]]) -> list[OrderView | None]:
+        return [self.store.get_order(oid, api_client=client) for oid, client in reads]
 
     async def _poll(self) -> None:
         errors = 0
         while self._waiters:
-            order_ids = await self._next_watch()
-            if not order_ids:
+            reads = self._reads(await self._next_watch())
+            if not reads:
                 continue
             started = time.monotonic()
             try:
-                if len(order_ids) <= INLINE_POLL_MAX:
-                    views = self._lookup(order_ids)
+                if len(reads) <= INLINE_POLL_MAX:
+                    views = self._lookup(reads)
                 else:
-                    views = await self._run(functools.partial(self._lookup, order_ids))
+                    views = await self._run(functools.partial(self._lookup, reads))
             except StoreError as exc:
                 # waiters keep waiting; each reads the store itself when its time is up
                 errors += 1
@@ -296,7 +327,7 @@ class OrderReader:
                     log.warning("tracker poll failed (%d times): %s", errors, exc)
                 continue
             errors = 0
-            for order_id, view in zip(order_ids, views, strict=True):
+            for (order_id, api_client), view in zip(reads, views, strict=True):
                 if view is None:
                     continue
                 waiting = self._waiters.get(order_id)
@@ -304,7 +335,7 @@ class OrderReader:
                     continue
                 still = []
                 for waiter in waiting:
-                    if not reached(view, waiter.target):
+                    if waiter.api_client != api_client or not reached(view, waiter.target):
                         still.append(waiter)
                     elif not waiter.future.done():
                         waiter.future.set_result(view)
@@ -314,7 +345,7 @@ class OrderReader:
                     del self._waiters[order_id]
             spent = time.monotonic() - started
             if spent > 0.5:
-                log.warning("tracker poll of %d orders took %.2f s", len(order_ids), spent)
+                log.warning("tracker poll of %d orders took %.2f s", len(reads), spent)
 
     def close(self) -> None:
         if self._unsubscribe is not None:

@@ -30,7 +30,9 @@ def api_cmd(
 ) -> None:
     """Serve the orders HTTP API (POST /orders, GET /orders/{id}?wait=, /health, /metrics).
 
-    Set ORDERMESH_API_KEYS=key1,key2 to require one of them on POST endpoints.
+    Set ORDERMESH_API_KEYS=key1,key2 to require one of them on every /orders endpoint:
+    each key sees only the orders it placed. ORDERMESH_API_OPERATOR_KEYS=key3 names keys
+    that see every order.
     """
     from ordermesh.api import create_app
     from ordermesh.api.server import serve_in_foreground, uvicorn_config

@@ -14,6 +14,9 @@ Rules and the choices behind them:
   (``schema.order_fingerprint`` differs) is counted as a conflict, logged and skipped:
   the tracked items stay those of the first copy. Not dead-lettered, for the reason
   above: the inventory reads the same record and dead-letters it (``DuplicateOrderId``).
+- The ``api_client`` of an ``OrderPlaced`` (the API client that placed it) is recorded
+  with the order, by its first copy: it decides which API client sees the order, so a
+  later copy never changes it.
 - Statuses and their moves are ``lifecycle``'s: an event moves the order when
   ``lifecycle.applies`` (its target ranks above the current status, which is not
   terminal), so a stale or reordered event never moves it back. Facts
@@ -513,6 +516,7 @@ class TrackerService(StoreService[TrackerStore, OrderPlaced | OrderEvent]):
             created_at,  # updated_at
             1,  # seq
             body_hash,
+            api_client=order.owner(),
         )
         state.placed.add(order_id)  # its history entry is the row itself (order_history)
         state.stats.placed += 1

@@ -2,7 +2,8 @@
 kept) and ``stores/postgres.py`` (pool, migrations).
 
 Tables as in SQLite (``orders``, ``history``, ``pending``), in the ``tracker`` schema
-(version 2, the whole life, widens the status CHECK in place and adds its columns);
+(version 2, the whole life, widens the status CHECK in place and adds its columns;
+version 3 adds ``api_client``, who placed the order, and its index);
 ``orders.order_id`` is ``COLLATE "C"`` so pages come in SQLite's (byte) order whatever
 the database's locale, straight from the primary key's index.
 
@@ -138,6 +139,14 @@ MIGRATIONS: Final = (
             *BACKFILL_PRIOR,
         ),
     ),
+    PgMigration(
+        "orders.api_client: the API client that placed the order",
+        (
+            # nullable: no table rewrite; NULL in the rows before (no API client's)
+            'ALTER TABLE orders ADD COLUMN api_client TEXT COLLATE "C"',
+            "CREATE INDEX orders_api_client ON orders (api_client, order_id)",
+        ),
+    ),
 )
 
 _COLUMNS: Final = ", ".join(TrackedOrder._fields)
@@ -147,7 +156,7 @@ _TYPES: Final = (
     *("text", "text", "text", "text", "float8", "text", "float8", "float8", "float8"),
     *("float8", "text", "text", "float8", "int8", "bytea"),
     *("float8", "float8", "float8", "float8", "text", "float8", "float8", "float8", "float8"),
-    "text",
+    *("text", "text"),
 )
 _TYPE_OF: Final = dict(zip(TrackedOrder._fields, _TYPES, strict=True))
 _INSERT: Final = (
@@ -233,13 +242,17 @@ class PostgresOrderQueries:
         with self._db.reader("ping") as conn:
             conn.execute("SELECT 1 FROM orders LIMIT 1").fetchall()
 
-    def get_order(self, order_id: str) -> OrderView | None:
+    def get_order(self, order_id: str, *, api_client: str | None = None) -> OrderView | None:
+        text = (
+            f"SELECT {_O_COLUMNS}, h.event, h.status, h.at, h.detail, h.prior FROM orders o"
+            " LEFT JOIN history h ON h.order_id = o.order_id WHERE o.order_id = %s"
+        )
+        params: tuple[str, ...] = (order_id,)
+        if api_client is not None:
+            text += " AND o.api_client = %s"
+            params += (api_client,)
         with self._db.reader("get order") as conn:
-            rows = conn.execute(
-                f"SELECT {_O_COLUMNS}, h.event, h.status, h.at, h.detail, h.prior FROM orders o"
-                " LEFT JOIN history h ON h.order_id = o.order_id WHERE o.order_id = %s",
-                (order_id,),
-            ).fetchall()
+            rows = conn.execute(text.encode(), params).fetchall()
         if not rows:
             return None
         width = len(TrackedOrder._fields)
@@ -254,6 +267,7 @@ class PostgresOrderQueries:
         customer_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        api_client: str | None = None,
     ) -> OrderPage:
         text, params, limit = list_orders_query(
             _COLUMNS,
@@ -262,6 +276,7 @@ class PostgresOrderQueries:
             limit=limit,
             cursor=cursor,
             mark="%s",
+            api_client=api_client,
         )
         with self._db.reader("list orders") as conn:
             rows = conn.execute(text.encode(), params).fetchall()

@@ -10,7 +10,9 @@ Tables: ``orders`` (one row per order, the columns of ``TrackedOrder``), ``histo
 (primary key (order_id, event)) and ``pending`` (the same key, raw event bytes).
 
 Schema version 3 (the whole life) rebuilds ``orders``: SQLite cannot change the CHECK
-on ``status`` in place, and the table's other columns come along in the copy.
+on ``status`` in place, and the table's other columns come along in the copy. Version 4
+adds ``orders.api_client`` (NULL in the rows before: no API client's) and its index,
+which a client's page of orders reads.
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ def _whole_life(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+def _api_client(conn: sqlite3.Connection) -> None:
+    """Schema version 4: who placed each order, and the index of a client's orders."""
+    add_column("orders", "api_client", "TEXT")(conn)
+    conn.execute("CREATE INDEX IF NOT EXISTS orders_api_client ON orders (api_client, order_id)")
+
+
 # Append only: the n-th step brings a database to schema version n (stores/sqlite.py).
 MIGRATIONS: Final = (
     Migration(
@@ -172,6 +180,7 @@ MIGRATIONS: Final = (
     # NULL in rows recorded before: any copy of such an order is taken as a redelivery
     Migration("orders.body_hash", add_column("orders", "body_hash", "BLOB")),
     Migration("the whole life: payment, shipment, deadlines, transitions", _whole_life),
+    Migration("orders.api_client: the API client that placed the order", _api_client),
 )
 
 _COLUMNS: Final = ", ".join(TrackedOrder._fields)
@@ -221,11 +230,14 @@ class SqliteOrderQueries:
         with self._db.read("ping") as conn:
             conn.execute("SELECT 1 FROM orders LIMIT 1").fetchall()
 
-    def get_order(self, order_id: str) -> OrderView | None:
+    def get_order(self, order_id: str, *, api_client: str | None = None) -> OrderView | None:
+        text = f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?"
+        params: tuple[str, ...] = (order_id,)
+        if api_client is not None:
+            text += " AND api_client = ?"
+            params += (api_client,)
         with self._db.read("get order") as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM orders WHERE order_id = ?", (order_id,)
-            ).fetchone()
+            row = conn.execute(text, params).fetchone()
             if row is None:
                 return None
             entries = conn.execute(
@@ -241,6 +253,7 @@ class SqliteOrderQueries:
         customer_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        api_client: str | None = None,
     ) -> OrderPage:
         sql, params, limit = list_orders_query(
             _COLUMNS,
@@ -249,6 +262,7 @@ class SqliteOrderQueries:
             limit=limit,
             cursor=cursor,
             mark="?",
+            api_client=api_client,
         )
         with self._db.read("list orders") as conn:
             rows = conn.execute(sql, params).fetchall()

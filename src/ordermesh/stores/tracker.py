@@ -23,7 +23,10 @@ What an implementation keeps (every backend the same):
   applied later, so a reader can tell that anything (status or history) changed.
   ``body_hash`` is ``schema.order_fingerprint`` of the order recorded, so a later copy
   with the same order_id but another body is recognised (None in rows recorded before
-  it was kept).
+  it was kept). ``api_client`` is the ``OrderPlaced``'s: the opaque id of the API client
+  that placed it (None: no API client's, e.g. the load generator's, or recorded before
+  it was kept); fixed at insert. A reader that passes ``api_client`` sees only that
+  client's orders: another's is None, exactly like an unknown order.
 - history: one row per (order, event type) of every event of ``order-events``.
   Redelivered events hit that key and change nothing; ``status`` is the status the event
   stands for (None for the facts of ``lifecycle.FACTS``, which do not move the status),
@@ -196,6 +199,7 @@ def list_orders_query(
     limit: int,
     cursor: str | None,
     mark: str,
+    api_client: str | None = None,
 ) -> tuple[str, list[Any], int]:
     """``list_orders``' statement, its parameters and the page size, for a driver whose
     placeholder is ``mark`` (``?`` or ``%s``). One row more than the page is asked for:
@@ -203,7 +207,8 @@ def list_orders_query(
     limit, after = page_bounds(status, limit, cursor)
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("status", status), ("customer_id", customer_id)):
+    filters = (("api_client", api_client), ("status", status), ("customer_id", customer_id))
+    for column, value in filters:
         if value is not None:
             where.append(f"{column} = {mark}")
             params.append(value)
@@ -282,6 +287,7 @@ class TrackedOrder(NamedTuple):
     voided: float = 0.0
     refunded: float = 0.0
     shipment_id: str | None = None
+    api_client: str | None = None  # who placed it (fixed at insert); None: no API client
 
     def view(self, history: list[HistoryEntry]) -> OrderView:
         """The order as readers see it."""
@@ -390,7 +396,8 @@ class TrackerStore(Protocol):
     def update_orders(self, rows: Iterable[TrackedOrder]) -> None:
         """Stored orders whose life (status, times, reason, detail, payment, shipment or
         ``seq``) changed: the ``UPDATED_FIELDS``; the columns fixed at insert (customer,
-        items, amounts, ``placed_at``, ``body_hash``) are left as they are."""
+        items, amounts, ``placed_at``, ``body_hash``, ``api_client``) are left as they
+        are."""
         ...
 
     def insert_history(self, rows: Iterable[HistoryRow]) -> None:
@@ -419,8 +426,12 @@ class OrderQueries(Protocol):
         """Raise StoreError unless the database answers and holds the tracker's tables."""
         ...
 
-    def get_order(self, order_id: str) -> OrderView | None:
-        """One order with its history (sorted by ``history_key``), or None if unknown."""
+    def get_order(self, order_id: str, *, api_client: str | None = None) -> OrderView | None:
+        """One order with its history (sorted by ``history_key``), or None if unknown.
+
+        With ``api_client``, None too unless that client placed it: another client's
+        order is not there for it.
+        """
         ...
 
     def list_orders(
@@ -430,8 +441,10 @@ class OrderQueries(Protocol):
         customer_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        api_client: str | None = None,
     ) -> OrderPage:
         """A page of orders ordered by order_id (keyset pagination); ``history`` empty.
+        With ``api_client``, only the orders that client placed.
 
         ``page_bounds`` checks the arguments (ValueError) and clamps ``limit``;
         ``next_cursor`` (``encode_cursor`` of the page's last order) is None on the last
