@@ -158,7 +158,8 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
         ("load",),
         group=None,
         consumes=(),
-        produces=(ORDERS,),
+        # its share of customers cancel (``ordermesh load --cancel-ratio``)
+        produces=(ORDERS, COMMANDS),
     ),
 )
 

@@ -6,6 +6,7 @@ Each module registers its commands on the one typer ``app`` in ``common``.
 from ordermesh.cli import (  # noqa: F401 - registers commands
     analytics,
     api,
+    asyncapi,
     bench,
     broker,
     chaos,
