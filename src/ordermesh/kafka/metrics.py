@@ -191,6 +191,21 @@ class RunnerMetrics:
             registry=r,
         )
         self.partitions_blocked.labels(service)
+        # alert on 1 for long: the database fails every batch, the partitions are paused
+        self.store_unavailable = Gauge(
+            "ordermesh_store_unavailable",
+            "1 while the store fails batches (partitions paused, the batch held and retried).",
+            labels,
+            registry=r,
+        )
+        self.store_unavailable.labels(service)
+        self.store_retries = Counter(
+            "ordermesh_store_retries",
+            "Batches handed to the handler again after the store failed them.",
+            labels,
+            registry=r,
+        )
+        self.store_retries.labels(service)
         self.batch_size = Histogram(
             "ordermesh_batch_size", "Records per batch.", labels, buckets=BATCH_BUCKETS, registry=r
         )

@@ -18,7 +18,13 @@ No input stops a partition for good, and none crashes the process:
   size-bounded copy (value truncated, original headers dropped); if even that is refused,
   the partition is paused, logged once at ERROR and counted in
   ``ordermesh_partitions_blocked``, and nothing past that record is committed while the
-  other partitions keep flowing.
+  other partitions keep flowing;
+- a database that fails a batch (``StoreError`` from the handler: nothing of the batch
+  was stored) is a pause, not an end: the runner holds the batch, pauses its partitions
+  while it keeps polling (the group keeps the member), hands the same batch to the
+  handler again with back-off, and resumes once the handler takes it (``outage.py``).
+  One WARNING when it starts, one INFO when it ends; ``ordermesh_store_unavailable`` is
+  1 meanwhile. Nothing at or past the held batch is committed.
 
 A stop (SIGTERM) waits at most ``STOP_DEADLINE_S`` for outstanding acknowledgements, then
 exits without committing what was not acknowledged: the next run redoes it. A revoke
@@ -52,12 +58,19 @@ from typing import Any, Final, Literal, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from ordermesh.config import Settings
-from ordermesh.errors import AckDeadlineError, CommitError, ConfigError, DeliveryError
+from ordermesh.errors import (
+    AckDeadlineError,
+    CommitError,
+    ConfigError,
+    DeliveryError,
+    StoreError,
+)
 from ordermesh.kafka.assignment import Assignment, EveryPartition, Positions
 from ordermesh.kafka.client import make_consumer
 from ordermesh.kafka.commits import CommitQueue, InFlightBatch, commit
 from ordermesh.kafka.confirmations import Confirmations
 from ordermesh.kafka.metrics import RunnerMetrics, sample_lag
+from ordermesh.kafka.outage import StoreOutage
 from ordermesh.kafka.producer import Delivery, Producer, ProducerClient, is_permanent
 from ordermesh.records import (
     ERROR_HEADER_PREFIX,
@@ -100,6 +113,8 @@ COMMIT_EVERY_S = 0.1
 # after losing every partition (fenced) with none back this long, join with a new consumer
 REJOIN_AFTER_S = 20.0
 RETRY_BACKOFF_S = (0.5, 30.0)  # first and longest pause between retries of a batch
+# longest poll during a store outage: a stop is seen this soon
+OUTAGE_POLL_S = 0.2
 
 FaultPoint = Literal["after-handle", "after-produce"]
 FAULT_POINTS: Final[tuple[FaultPoint, ...]] = ("after-handle", "after-produce")
@@ -262,6 +277,9 @@ class BatchRunner:
         self._due: dict[tuple[str, int], int] = {}
         # when every partition was lost (fenced) and none came back since
         self._lost_all_at: float | None = None
+        # the batch the store failed, while it is retried; the partitions paused for it
+        self._outage: StoreOutage | None = None
+        self._outage_paused: set[tuple[str, int]] = set()
 
     # --- control ---------------------------------------------------------------------
 
@@ -304,6 +322,7 @@ class BatchRunner:
             self.stats.assigned -= gone
             self._forget_commits(gone)
             self._unblock(gone)
+            self._release_held(gone)
             log.info("%s: revoked %s", self.name, _fmt(partitions))
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -319,6 +338,7 @@ class BatchRunner:
         self.stats.assigned -= gone
         self._forget_commits(gone)
         self._unblock(gone)
+        self._release_held(gone)
         if not self.stats.assigned:
             self._lost_all_at = time.monotonic()
         log.warning("%s: lost %s (not committing them)", self.name, _fmt(partitions))
@@ -362,24 +382,30 @@ class BatchRunner:
         try:
             while not self._stop.is_set():
                 t0 = time.monotonic()
-                msgs = self._fetch()
-                now = time.monotonic()
-                self.stats.last_poll_at = now
-                if msgs:
-                    self.stats.poll_seconds += now - t0
-                    records, poison = self._records(msgs)
-                    if records or poison:
-                        self.process(records, poison)
-                        last_data = now
-                elif self.commits.batches or self._due:
-                    # nothing new: commit what has been acknowledged meanwhile
-                    self._settle(wait=bool(self.commits.batches))
-                elif not self.stats.assigned:
-                    last_data = now  # idle time counts only while we own partitions
-                    if self._lost_all_at is not None and now - self._lost_all_at > REJOIN_AFTER_S:
-                        self._rejoin()
-                elif idle_exit_s is not None and now - last_data > idle_exit_s:
-                    break
+                if self._outage is not None:
+                    self._ride_out()
+                    now = last_data = time.monotonic()  # not idle: a batch is held
+                    self.stats.last_poll_at = now
+                else:
+                    msgs = self._fetch()
+                    now = time.monotonic()
+                    self.stats.last_poll_at = now
+                    if msgs:
+                        self.stats.poll_seconds += now - t0
+                        records, poison = self._records(msgs)
+                        if records or poison:
+                            self._process_or_hold(records, poison)
+                            last_data = now
+                    elif self.commits.batches or self._due:
+                        # nothing new: commit what has been acknowledged meanwhile
+                        self._settle(wait=bool(self.commits.batches))
+                    elif not self.stats.assigned:
+                        last_data = now  # idle time counts only while we own partitions
+                        lost_at = self._lost_all_at
+                        if lost_at is not None and now - lost_at > REJOIN_AFTER_S:
+                            self._rejoin()
+                    elif idle_exit_s is not None and now - last_data > idle_exit_s:
+                        break
                 if now - self._last_recommit >= RECOMMIT_EVERY_S:
                     # busy or idle: a partition whose commit failed may get no new batch
                     self._recommit(now, asynchronous=True)
@@ -596,6 +622,140 @@ class BatchRunner:
             return stop
         return until if stop is None else min(stop, until)
 
+    # --- store outages ---------------------------------------------------------------
+
+    def _process_or_hold(self, records: list[InRecord], poison: list[InRecord]) -> None:
+        """``process`` the batch; a ``StoreError`` from the handler starts an outage."""
+        try:
+            self.process(records, poison)
+        except StoreError as exc:
+            self._hold(records, poison, exc)
+
+    def _hold(self, records: list[InRecord], poison: list[InRecord], exc: StoreError) -> None:
+        """The store failed a batch: nothing of it was stored, produced or committed. Keep
+        it to hand to the handler again, and stop fetching meanwhile."""
+        now = time.monotonic()
+        outage = self._outage = StoreOutage(records, poison, exc, now)
+        self.metrics.store_unavailable.labels(self.name).set(1)
+        self._pause_for_outage(set(self.stats.assigned) | outage.partitions())
+        first = [TopicPartition(t, p, o) for (t, p), o in sorted(outage.first_offsets().items())]
+        log.warning(
+            "%s: store unavailable (%s); holding the batch of %d records (from %s on, "
+            "nothing is committed), %d partitions paused, retrying it in %.1fs and backing "
+            "off up to %.1fs",
+            self.name,
+            outage.error,
+            len(outage),
+            _fmt_offsets(first),
+            len(self._outage_paused),
+            outage.delay,
+            outage.cap,
+        )
+
+    def _ride_out(self) -> None:
+        """One turn of the loop during a store outage: poll (the group keeps the member),
+        hold what still comes in, commit what earlier batches got acknowledged, and hand
+        the held batch to the handler again once its back-off is over."""
+        outage = self._outage
+        if outage is None:
+            return
+        now = time.monotonic()
+        if outage.empty:
+            self._end_outage(now, recovered=False)
+            return
+        if not outage.due(now):
+            wait = min(OUTAGE_POLL_S, outage.wait_s(now))
+            msgs = self.consumer.consume(num_messages=self.max_batch, timeout=wait)
+            if msgs:
+                records, poison = self._records(msgs)
+                if records or poison:
+                    self._pause_for_outage(outage.hold(records, poison))
+            if self.commits.batches or self._due:
+                self._settle()
+            return
+        outage.retrying()
+        self.metrics.store_retries.labels(self.name).inc()
+        try:
+            self.process(outage.records, outage.poison)
+        except StoreError as exc:
+            outage.failed(exc, time.monotonic())
+            log.debug(
+                "%s: store still unavailable (retry %d, next in %.1fs): %s",
+                self.name,
+                outage.retries,
+                outage.delay,
+                outage.error,
+            )
+            return
+        self._end_outage(time.monotonic(), recovered=True)
+
+    def _end_outage(self, now: float, *, recovered: bool) -> None:
+        outage = self._outage
+        if outage is None:
+            return
+        self._outage = None
+        # a partition blocked meanwhile stays paused (see _block)
+        resume = {key for key in self._outage_paused if key not in self._blocked}
+        self._outage_paused = set()
+        self._resume(resume)
+        self.metrics.store_unavailable.labels(self.name).set(0)
+        if recovered:
+            log.info(
+                "%s: store available again after %.1fs and %d retries; resumed %d partitions",
+                self.name,
+                outage.lasted(now),
+                outage.retries,
+                len(resume),
+            )
+        else:
+            log.info(
+                "%s: every partition of the held batch moved on after %.1fs and %d retries "
+                "of the store; resumed %d partitions",
+                self.name,
+                outage.lasted(now),
+                outage.retries,
+                len(resume),
+            )
+
+    def _pause_for_outage(self, partitions: set[tuple[str, int]]) -> None:
+        new = {
+            key
+            for key in partitions
+            if key in self.stats.assigned
+            and key not in self._blocked
+            and key not in self._outage_paused
+        }
+        if not new:
+            return
+        tps = [TopicPartition(t, p) for t, p in sorted(new)]
+        try:
+            self.consumer.pause(tps)
+        except KafkaException as exc:
+            # not fatal: what still comes in joins the held batch and is paused again
+            log.warning("%s: pausing %s: %s", self.name, _fmt(tps), exc)
+            return
+        self._outage_paused |= new
+
+    def _resume(self, partitions: set[tuple[str, int]]) -> None:
+        if not partitions:
+            return
+        tps = [TopicPartition(t, p) for t, p in sorted(partitions)]
+        try:
+            self.consumer.resume(tps)
+        except KafkaException as exc:
+            log.warning("%s: resuming %s: %s", self.name, _fmt(tps), exc)
+
+    def _release_held(self, gone: set[tuple[str, int]]) -> None:
+        """Partitions revoked or lost during a store outage: their held records are their
+        next owner's (none was committed), and their pause is lifted, so that they are
+        fetched again should they come back to this member."""
+        paused = self._outage_paused & gone
+        if paused:
+            self._outage_paused -= paused
+            self._resume(paused)
+        if self._outage is not None:
+            self._outage.drop(gone)
+
     # --- produce errors --------------------------------------------------------------
 
     def _resolve(self, batch: InFlightBatch, deadline: float | None = None) -> None:
@@ -810,6 +970,15 @@ class BatchRunner:
     def close(self) -> None:
         if self._deadline is None:
             self._deadline = time.monotonic() + STOP_DEADLINE_S
+        outage = self._outage
+        if outage is not None and not outage.empty:
+            log.info(
+                "%s: stopping with the store unavailable for %.1fs; the held batch of %d "
+                "records is not committed (it is handled again on the next start)",
+                self.name,
+                outage.lasted(time.monotonic()),
+                len(outage),
+            )
         try:
             try:
                 self._settle(drain=True)

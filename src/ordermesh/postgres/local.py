@@ -401,9 +401,10 @@ class LocalPostgres:
 
     # --- stop -----------------------------------------------------------------------------
 
-    def down(self) -> int | None:
+    def down(self, *, immediate: bool = False) -> int | None:
         """Stop the server (``pg_ctl stop -m fast``, then harder after a deadline); the PID
-        stopped, or None when none ran."""
+        stopped, or None when none ran. ``immediate``: ``-m immediate`` at once, as a
+        crash would (no shutdown checkpoint: the next start recovers from the WAL)."""
         state = self.load_state()
         if state is None:
             return None
@@ -411,8 +412,9 @@ class LocalPostgres:
         if pid is not None:
             base = [str(self.bin_dir / "pg_ctl"), "stop", "--pgdata", str(self.data_dir(state))]
             wait = ["--wait", "--timeout", str(int(STOP_DEADLINE_S)), "--silent"]
+            mode = "immediate" if immediate else "fast"
             try:
-                self._run([*base, "--mode", "fast", *wait], "pg_ctl stop", Path(state.server_dir))
+                self._run([*base, "--mode", mode, *wait], "pg_ctl stop", Path(state.server_dir))
             except StoreError as exc:
                 log.warning("PostgreSQL pid %d: %s; stopping it immediately", pid, exc)
                 with contextlib.suppress(StoreError):

@@ -14,6 +14,12 @@ live side by side). Stores build their SQL on top of this module, which alone de
 - Every ``psycopg.Error`` surfaces as a ``StoreError`` naming the store and the step; a
   deadlock or serialization failure as a ``StoreConflictError``: the transaction was
   rolled back and running the whole batch again is expected to succeed.
+- A server that goes away (restart, failover) is survived: the error is a ``StoreError``
+  like any other (the runner holds the batch and retries it, see ``kafka/outage.py``);
+  the idle connections it broke too are tested and replaced at once, rather than failing
+  one batch each; while connections fail a request waits for one only briefly, and the
+  pool never waits long between attempts to reconnect, so it serves again within
+  seconds of the server's return.
 
 Migrations are not applied by opening a store (unlike SQLite, whose file belongs to one
 service): ``migrate()`` (``ordermesh db migrate``) applies each store's numbered steps,
@@ -35,15 +41,32 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ordermesh.errors import StoreConflictError, StoreError
 
 logger = logging.getLogger(__name__)
 
+# While the server is away the pool logs every failed attempt to reconnect, and every
+# connection it discards, at WARNING (libpq's reasons span lines); the runner reports
+# the outage once, in its own words (kafka/outage.py). A level set by the operator on
+# this logger is kept.
+_pool_log = logging.getLogger("psycopg.pool")
+if _pool_log.level == logging.NOTSET:
+    _pool_log.setLevel(logging.ERROR)
+
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 CONNECT_TIMEOUT_S: Final = 10.0
+# How long the pool keeps trying to replace a lost connection. Its pause between
+# attempts doubles from 1 s and is reset only when it gives up, so with the default (5
+# minutes) a pool could wait a minute after the server's return; after giving up, the
+# next request that finds the pool empty starts a new attempt at once.
+RECONNECT_TIMEOUT_S: Final = 10.0
+# While connections fail (one broke, or none came in time), a request waits at most this
+# long for one, not CONNECT_TIMEOUT_S: a server that is away then holds neither a stop
+# nor the runner's next retry for long. The first connection handed out ends it.
+FAILING_WAIT_S: Final = 2.0
 MIGRATE_HINT: Final = "run `ordermesh db migrate`"
 # pg_advisory_xact_lock key serializing migrations of every store of a database
 _MIGRATION_LOCK: Final = 0x6F6D5F6D6967  # "om_mig"
@@ -96,6 +119,7 @@ class PostgresDatabase:
         self._timeout_s = connect_timeout_s
         self._local = threading.local()  # .conn: the thread's open transaction
         self._checked = False
+        self._failing = False  # see FAILING_WAIT_S
         self.pool: ConnectionPool[Connection] = ConnectionPool(
             url,
             min_size=1,
@@ -103,6 +127,7 @@ class PostgresDatabase:
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout_s))},
             configure=self._configure,
             timeout=connect_timeout_s,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
             name=f"ordermesh-{name}",
             open=False,
         )
@@ -213,8 +238,31 @@ class PostgresDatabase:
     @contextmanager
     def connection(self, what: str) -> Iterator[Connection]:
         """A pooled autocommit connection (errors translated), back to the pool after."""
-        with self.translate(what), self.pool.connection() as conn:
-            yield conn
+        broken = False
+        wait = min(self._timeout_s, FAILING_WAIT_S) if self._failing else self._timeout_s
+        try:
+            with self.translate(what), self.pool.connection(timeout=wait) as conn:
+                self._failing = False
+                try:
+                    yield conn
+                finally:
+                    broken = conn.broken
+        except StoreError as exc:
+            if isinstance(exc.__cause__, PoolTimeout):
+                self._failing = True
+            raise
+        finally:
+            if broken:
+                self._failing = True
+                self._replace_broken()
+
+    def _replace_broken(self) -> None:
+        """A connection was lost (the pool replaces it): test the idle ones too. The
+        server's restart broke them as well, and each would fail a batch of its own."""
+        try:
+            self.pool.check()
+        except psycopg.Error as exc:  # closed meanwhile: nothing to replace
+            logger.debug("%s: checking the idle connections: %s", self.label, exc)
 
     @property
     def in_transaction(self) -> bool:
