@@ -252,14 +252,22 @@ class Mesh:
         for line in migrate(settings):
             log.info("migrated %s", line)
 
+    def _client_env(self, name: str) -> dict[str, str]:
+        """The process's Kafka clients say which it is (``client.id``, as Kafka's
+        ``kafka-consumer-groups --describe`` and the broker's logs show it), unless the
+        user set one (a quota or an ACL may be bound to it)."""
+        return {} if self.settings.client_id else {"ORDERMESH_CLIENT_ID": f"ordermesh-{name}"}
+
     def _instance_env(self, name: str) -> dict[str, str]:
-        """With PostgreSQL, each instance keeps its files apart, as on a host of its own;
-        with SQLite they share the mesh's data dir (and so its database files)."""
+        """The ``_client_env``; with PostgreSQL, each instance keeps its files apart, as
+        on a host of its own; with SQLite they share the mesh's data dir (and so its
+        database files)."""
+        env = self._client_env(name)
         if backend(self.settings) != "postgres":
-            return {}
+            return env
         data_dir = self.settings.data_dir / "instances" / name
         data_dir.mkdir(parents=True, exist_ok=True)
-        return {"ORDERMESH_DATA_DIR": str(data_dir)}
+        return {**env, "ORDERMESH_DATA_DIR": str(data_dir)}
 
     def _inputs(self) -> list[str]:
         return [name for spec in INPUTS for name in self.instances.get(spec, [spec])]
@@ -284,7 +292,7 @@ class Mesh:
         if count is not None:
             args += ["--count", str(count)]
         # a load that ran its count exits 0 and stays done; a crashed one is restarted
-        self.supervisor.add(LOAD, args, restart="on-failure")
+        self.supervisor.add(LOAD, args, env=self._client_env(LOAD), restart="on-failure")
         self.supervisor.start(LOAD)
         self.write_state()
 

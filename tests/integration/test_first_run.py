@@ -23,6 +23,8 @@ from ordermesh.broker import local
 from ordermesh.broker.jars import ensure_jars
 from ordermesh.broker.local import LocalCluster, pid_alive
 from ordermesh.config import Settings
+from ordermesh.kafka.client import make_admin
+from ordermesh.kafka.groups import describe_groups
 from tests.conftest import wait_for
 
 
@@ -176,6 +178,12 @@ def test_up_without_options_runs_a_load_until_ctrl_c_and_leaves_nothing(tmp_path
         cluster = json.loads((data / "broker" / "cluster.json").read_text())
         pids += [n["pid"] for n in cluster["nodes"]]
         assert len(pids) >= 7  # load, api, analytics, dlq logger, inventory, tracker, broker
+
+        # every member of the mesh's groups names its process, as Kafka's tools show it
+        broker = Settings(bootstrap_servers=state["bootstrap_servers"])
+        groups = describe_groups(broker, make_admin(broker), {"inventory": ["orders"]})
+        members = {m["client_id"] for m in groups["groups"]["inventory"]["members"]}
+        assert members == {"ordermesh-inventory-1"}, groups
 
         os.write(master, b"\x03")  # Ctrl-C, as a person would
         deadline = time.monotonic() + 150
